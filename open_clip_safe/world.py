@@ -1,0 +1,274 @@
+"""A generated image-caption world for the demo and the tests.
+
+Twenty object classes, each a distinct glyph, drawn with random colour, size, position, rotation and
+background; captions from many templates name the class and some of the attributes. Every sample is
+drawn from its own RNG seeded by (seed, split, index), so the world is the same for a seed however it
+is streamed, and it is written to disk shard by shard (nothing is held in memory).
+
+    python -m open_clip_safe.world --out DIR [--num-train 8000] [--num-test 1000] [--seed 0]
+"""
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+CLASSES = (
+    "banana", "umbrella", "mushroom", "candle", "pizza", "balloon", "pillow", "necklace", "desk",
+    "palace", "television", "baseball", "mountain", "beach", "plate", "orange", "suit", "chair",
+    "lamp", "kite",
+)
+COLORS = {
+    "red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 80, 230), "yellow": (235, 220, 50),
+    "purple": (140, 60, 190), "cyan": (40, 210, 220), "pink": (245, 130, 190), "brown": (140, 90, 40),
+}
+BACKGROUNDS = {"dark": 35, "light": 215, "gray": 120, "noisy": None}
+SIZES = {"small": (0.20, 0.28), "large": (0.32, 0.42)}
+CAPTION_TEMPLATES = (
+    "a photo of a {color} {cls}.",
+    "a {size} {color} {cls} on a {bg} background.",
+    "{cls}, {color}, {size}.",
+    "there is {a_cls} in the picture.",
+    "{a_cls} that is {color}.",
+    "an image showing a {size} {cls}.",
+    "a close-up of a {color} {cls} against a {bg} backdrop.",
+    "my {cls} looks {color} today.",
+    "a drawing of {a_cls}.",
+    "the {color} {cls} is {size}.",
+    "a {bg} scene with {a_cls}.",
+    "look at this {size} {cls}!",
+    "a picture of the {cls} in {color}.",
+    "{color} {cls} on {bg}.",
+    "a simple {cls} icon.",
+    "{a_cls} seen from the front, {color} on {bg}.",
+)
+ZERO_SHOT_TEMPLATES = ("a photo of a {}.", "a drawing of a {}.", "a picture of the {}.", "a simple {} icon.")
+SPLIT_IDS = {"train": 1, "test": 2}
+SUPERSAMPLE = 4
+
+
+def _regular_polygon(n, phase=0.0, inner=None):
+    """Unit-radius polygon vertices; with `inner`, a star alternating outer and inner radii."""
+    count = 2 * n if inner else n
+    radii = [1.0 if (i % 2 == 0 or not inner) else inner for i in range(count)]
+    return [(r * math.cos(phase + 2 * math.pi * i / count), r * math.sin(phase + 2 * math.pi * i / count))
+            for i, r in enumerate(radii)]
+
+
+def _rects(*boxes):
+    """Unit-square rectangles (x0, y0, x1, y1) in [-1, 1] as closed polygons."""
+    return [[(x0, y0), (x1, y0), (x1, y1), (x0, y1)] for x0, y0, x1, y1 in boxes]
+
+
+# Each glyph is a list of (polygons to fill, polygons to cut out); coordinates in [-1, 1].
+GLYPHS = (
+    ([_regular_polygon(40)], []),                                               # disk
+    (_rects((-0.8, -0.8, 0.8, 0.8)), []),                                       # square
+    ([_regular_polygon(3, -math.pi / 2)], []),                                  # triangle
+    ([_regular_polygon(4)], []),                                                # diamond
+    ([_regular_polygon(5, -math.pi / 2)], []),                                  # pentagon
+    ([_regular_polygon(6)], []),                                                # hexagon
+    ([_regular_polygon(5, -math.pi / 2, inner=0.42)], []),                      # star
+    ([_regular_polygon(40)], [[(0.55 * x, 0.55 * y) for x, y in _regular_polygon(40)]]),  # ring
+    (_rects((-0.25, -1, 0.25, 1), (-1, -0.25, 1, 0.25)), []),                   # plus
+    ([[(-1, -0.7), (-0.7, -1), (1, 0.7), (0.7, 1)], [(1, -0.7), (0.7, -1), (-1, 0.7), (-0.7, 1)]], []),  # x
+    (_rects((-1, -1, 1, -0.6), (-1, -0.2, 1, 0.2), (-1, 0.6, 1, 1)), []),       # horizontal bars
+    (_rects((-1, -1, -0.6, 1), (-0.2, -1, 0.2, 1), (0.6, -1, 1, 1)), []),       # vertical bars
+    (_rects((-1, -1, 0, 0), (0, 0, 1, 1)), []),                                 # checker
+    ([_regular_polygon(40)], [[(0.45 + x * 0.85, -0.2 + y * 0.85) for x, y in _regular_polygon(40)]]),  # crescent
+    ([[(0, -1), (0.9, 0), (0.35, 0), (0.35, 1), (-0.35, 1), (-0.35, 0), (-0.9, 0)]], []),  # arrow
+    (_rects((-1, -1, 1, -0.5), (-0.25, -0.5, 0.25, 1)), []),                    # T
+    (_rects((-0.8, -1, -0.3, 1), (-0.3, 0.5, 0.9, 1)), []),                     # L
+    (_rects((-0.9, -0.9, 0.9, 0.9)), _rects((-0.5, -0.5, 0.5, 0.5))),           # frame
+    ([[(math.cos(a), -math.sin(a)) for a in np.linspace(0, math.pi, 30)]], []),  # half disk
+    ([[(-0.5 + 0.45 * x, 0.45 * y) for x, y in _regular_polygon(30)],
+      [(0.5 + 0.45 * x, 0.45 * y) for x, y in _regular_polygon(30)]], []),      # two dots
+)
+assert len(GLYPHS) == len(CLASSES)
+
+
+def article(word):
+    return ("an " if word[0] in "aeiou" else "a ") + word
+
+
+def sample_rng(seed, split, index):
+    return np.random.default_rng([seed, SPLIT_IDS[split], index])
+
+
+def draw_sample(seed, split, index, image_size=32):
+    """One (image, caption, metadata) triple, fully determined by its arguments."""
+    rng = sample_rng(seed, split, index)
+    label = int(rng.integers(len(CLASSES)))
+    color = str(rng.choice(list(COLORS)))
+    bg = str(rng.choice(list(BACKGROUNDS)))
+    size = str(rng.choice(list(SIZES)))
+    canvas = image_size * SUPERSAMPLE
+
+    if BACKGROUNDS[bg] is None:
+        pixels = rng.integers(60, 190, size=(image_size, image_size, 3), dtype=np.uint8)
+        image = Image.fromarray(pixels).resize((canvas, canvas), Image.NEAREST)
+    else:
+        tint = rng.integers(-20, 21, size=3)
+        image = Image.new("RGB", (canvas, canvas), tuple(int(np.clip(BACKGROUNDS[bg] + t, 0, 255)) for t in tint))
+
+    radius = rng.uniform(*SIZES[size]) * canvas
+    margin = radius * 1.05
+    cx, cy = rng.uniform(margin, canvas - margin, size=2)
+    angle = rng.uniform(-0.35, 0.35)
+    cos_a, sin_a = math.cos(angle), math.sin(angle)
+
+    def place(polygon):
+        return [(cx + radius * (x * cos_a - y * sin_a), cy + radius * (x * sin_a + y * cos_a)) for x, y in polygon]
+
+    fills, holes = GLYPHS[label]
+    shade = np.clip(np.array(COLORS[color]) + rng.integers(-25, 26, size=3), 0, 255)
+    draw = ImageDraw.Draw(image)
+    for polygon in fills:
+        draw.polygon(place(polygon), fill=tuple(int(c) for c in shade))
+    if holes:
+        background = image.getpixel((0, 0)) if BACKGROUNDS[bg] is not None else (120, 120, 120)
+        for polygon in holes:
+            draw.polygon(place(polygon), fill=background)
+    image = image.resize((image_size, image_size), Image.LANCZOS)
+
+    cls = CLASSES[label]
+    template = CAPTION_TEMPLATES[int(rng.integers(len(CAPTION_TEMPLATES)))]
+    caption = template.format(cls=cls, a_cls=article(cls), color=color, size=size, bg=bg)
+    meta = {"label": label, "class": cls, "color": color, "size": size, "background": bg}
+    return image, caption, meta
+
+
+def sample_key(split, index):
+    return f"{split}_{index:07d}"
+
+
+def png_bytes(image):
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_split(out_dir, split, num_samples, seed, image_size, shard_size, formats, progress=True):
+    """Stream one split to webdataset shards and/or a CSV with PNG files; returns its card entry."""
+    out_dir = Path(out_dir)
+    entry = {"num_samples": num_samples}
+    num_shards = math.ceil(num_samples / shard_size)
+    shard_dir, image_dir = out_dir / split, out_dir / "images" / split
+    csv_file = csv_writer = writer = None
+    sizes = {}
+    if "wds" in formats:
+        shard_dir.mkdir(parents=True, exist_ok=True)
+        entry["shards"] = str(shard_dir / f"{{000000..{num_shards - 1:06d}}}.tar")
+    if "csv" in formats:
+        image_dir.mkdir(parents=True, exist_ok=True)
+        entry["csv"] = str(out_dir / f"{split}.csv")
+        csv_file = open(entry["csv"], "w", newline="")
+        csv_writer = csv.writer(csv_file, delimiter="\t")
+        csv_writer.writerow(["filepath", "title", "label"])
+    try:
+        for index in tqdm(range(num_samples), desc=f"world {split}", unit="img", disable=not progress):
+            image, caption, meta = draw_sample(seed, split, index, image_size)
+            key = sample_key(split, index)
+            data = png_bytes(image)
+            if writer is None and "wds" in formats:
+                shard_name = f"{index // shard_size:06d}.tar"
+                writer = wds.TarWriter(str(shard_dir / shard_name))
+                sizes[shard_name] = 0
+            if writer is not None:
+                writer.write({"__key__": key, "png": data, "txt": caption, "cls": str(meta["label"]),
+                              "json": json.dumps({"key": key, **meta})})
+                sizes[shard_name] += 1
+                if sizes[shard_name] == shard_size:
+                    writer.close()
+                    writer = None
+            if csv_writer is not None:
+                path = image_dir / f"{key}.png"
+                path.write_bytes(data)
+                csv_writer.writerow([str(path), caption, meta["label"]])
+    finally:
+        if writer is not None:
+            writer.close()
+        if csv_file is not None:
+            csv_file.close()
+    if sizes:
+        (shard_dir / "sizes.json").write_text(json.dumps(sizes, indent=1))
+    return entry
+
+
+def generate_world(out_dir, num_train=8000, num_test=1000, seed=0, image_size=32, shard_size=1000,
+                   formats=("wds", "csv"), progress=True):
+    """Write the world under `out_dir` and return its card (also saved as world.json)."""
+    out_dir = Path(out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    card = {
+        "seed": seed,
+        "image_size": image_size,
+        "classes": list(CLASSES),
+        "templates": list(ZERO_SHOT_TEMPLATES),
+        "splits": {},
+    }
+    for split, count in (("train", num_train), ("test", num_test)):
+        card["splits"][split] = write_split(out_dir, split, count, seed, image_size, shard_size, formats, progress)
+    (out_dir / "classnames.txt").write_text("\n".join(CLASSES) + "\n")
+    (out_dir / "world.json").write_text(json.dumps(card, indent=2))
+    return card
+
+
+def load_card(world_dir):
+    path = Path(world_dir) / "world.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no world card; generate one with python -m open_clip_safe.world")
+    return json.loads(path.read_text())
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="python -m open_clip_safe.world", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--out", required=True, help="Output folder (must be empty or absent, unless --overwrite).")
+    parser.add_argument("--num-train", type=int, default=8000, help="Training samples.")
+    parser.add_argument("--num-test", type=int, default=1000, help="Labelled test samples.")
+    parser.add_argument("--seed", type=int, default=0, help="World seed: same seed, same bytes.")
+    parser.add_argument("--image-size", type=int, default=32, help="Image side in pixels.")
+    parser.add_argument("--shard-size", type=int, default=1000, help="Samples per webdataset shard.")
+    parser.add_argument("--format", choices=("wds", "csv", "both"), default="both",
+                        help="Write webdataset shards, a CSV with PNG files, or both.")
+    parser.add_argument("--overwrite", action="store_true", help="Allow writing into a non-empty --out.")
+    parser.add_argument("--quiet", action="store_true", help="No progress bars.")
+    args = parser.parse_args(argv)
+    if args.num_train < 1 or args.num_test < 1:
+        parser.error("--num-train and --num-test must be at least 1")
+    if args.image_size < 16:
+        parser.error(f"--image-size must be at least 16, got {args.image_size}")
+    if args.shard_size < 1:
+        parser.error("--shard-size must be at least 1")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        parser.error(f"--out {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+        parser.error(f"--out {out} is not empty; pass --overwrite to write into it")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    formats = ("wds", "csv") if args.format == "both" else (args.format,)
+    try:
+        card = generate_world(args.out, args.num_train, args.num_test, args.seed, args.image_size,
+                              args.shard_size, formats, progress=not args.quiet)
+    except OSError as error:
+        print(f"error: cannot write the world under {args.out}: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps({split: entry for split, entry in card["splits"].items()}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
