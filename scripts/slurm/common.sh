@@ -1,0 +1,50 @@
+# Shared by the sbatch scripts: builds the open_clip_safe.main argument list from the environment.
+#
+#   TRAIN_DATA   training shards or CSV (required)         MODEL       model config (RN50)
+#   EPOCHS       epochs (32)                                BATCH_SIZE  per-process batch (128)
+#   WORKERS      data-loader workers per process (4)        LOGS        log folder (./logs)
+#   NAME         experiment name (safeclip-$SLURM_JOB_ID: stable across requeues, so the job resumes)
+#   PRECISION    amp on GPUs, fp32 on CPU                    SAFECLIP_ARGS  extra flags, e.g. "--safeclip ..."
+# Every argument given to sbatch after the script's name is appended as well.
+# DRY_RUN=1 prints the launch command instead of running it.
+
+if [ -z "${TRAIN_DATA:-}" ]; then
+    echo "error: set TRAIN_DATA to the training shards or CSV (e.g. TRAIN_DATA='/data/cc3m/{00000..00331}.tar')" >&2
+    exit 2
+fi
+
+GPUS=${SLURM_GPUS_ON_NODE:-0}
+GPUS=${GPUS##*:}  # "a100:4" -> "4"
+if [ "$GPUS" -gt 0 ] 2>/dev/null; then
+    DEVICE=cuda
+    DEFAULT_PRECISION=amp
+else
+    GPUS=0
+    DEVICE=cpu
+    DEFAULT_PRECISION=fp32
+fi
+
+TRAIN_ARGS=(
+    --train-data "$TRAIN_DATA"
+    --model "${MODEL:-RN50}"
+    --epochs "${EPOCHS:-32}"
+    --batch-size "${BATCH_SIZE:-128}"
+    --workers "${WORKERS:-4}"
+    --precision "${PRECISION:-$DEFAULT_PRECISION}"
+    --device "$DEVICE"
+    --logs "${LOGS:-./logs}"
+    --name "${NAME:-safeclip-${SLURM_JOB_ID:-local}}"
+    --save-frequency 1
+    --resume latest
+)
+# shellcheck disable=SC2206  # word splitting of SAFECLIP_ARGS is intended
+TRAIN_ARGS+=(${SAFECLIP_ARGS:-} "$@")
+
+launch() {
+    if [ -n "${DRY_RUN:-}" ]; then
+        printf '%q ' "$@"
+        printf '\n'
+    else
+        "$@"
+    fi
+}

@@ -1,0 +1,48 @@
+"""The sbatch scripts are valid bash and build a training command our parser accepts."""
+import os
+import shlex
+import subprocess
+
+import pytest
+
+from conftest import REPO, child_env
+from open_clip_safe import params
+
+SCRIPTS = os.path.join(REPO, "scripts", "slurm")
+SBATCH_FILES = ("train_single_node.sbatch", "train_multi_node.sbatch")
+
+
+def dry_run(script, **env):
+    result = subprocess.run(["bash", os.path.join(SCRIPTS, script), "--seed", "7"], capture_output=True, text=True,
+                            env=child_env(DRY_RUN=1, **env), timeout=30)
+    return result
+
+
+@pytest.mark.parametrize("script", SBATCH_FILES + ("common.sh",))
+def test_bash_syntax(script):
+    subprocess.run(["bash", "-n", os.path.join(SCRIPTS, script)], check=True)
+
+
+@pytest.mark.parametrize("gpus", ["0", "4", "a100:2"])
+@pytest.mark.parametrize("script", SBATCH_FILES)
+def test_built_command_parses(world, tmp_path, script, gpus):
+    result = dry_run(script, TRAIN_DATA=world["splits"]["train"]["shards"], MODEL="safeclip-micro",
+                     LOGS=tmp_path, WORKERS=1, SLURM_GPUS_ON_NODE=gpus, SLURM_JOB_ID=42)
+    assert result.returncode == 0, result.stderr
+    command = shlex.split(result.stdout)
+    launcher = command[0]
+    assert launcher == ("torchrun" if script == "train_single_node.sbatch" else "srun")
+    if launcher == "torchrun":
+        assert command[command.index("-m") + 1] == "--", "torchrun needs `-m --` before --logs"
+        assert command[command.index("--nproc_per_node") + 1] == ("2" if gpus == "0" else gpus.split(":")[-1])
+    train_flags = command[command.index("open_clip_safe.main") + 1:]
+    args = params.parse_args(train_flags)
+    assert args.model == "safeclip-micro" and args.seed == 7 and args.resume == "latest"
+    assert args.device == ("cpu" if gpus == "0" else "cuda")
+    assert args.name == "safeclip-42", "a requeued job keeps its name and resumes"
+
+
+@pytest.mark.parametrize("script", SBATCH_FILES)
+def test_missing_train_data_is_an_error(script):
+    result = dry_run(script)
+    assert result.returncode == 2 and "set TRAIN_DATA" in result.stderr
