@@ -32,23 +32,25 @@ COLORS = {
 }
 BACKGROUNDS = {"dark": 35, "light": 215, "gray": 120, "noisy": None}
 SIZES = {"small": (0.20, 0.28), "large": (0.32, 0.42)}
+# Most captions name only the class: when every caption also spelled out colour, size and
+# background, a model could match captions within a batch by those alone and never learn the class.
 CAPTION_TEMPLATES = (
-    "a photo of a {color} {cls}.",
-    "a {size} {color} {cls} on a {bg} background.",
-    "{cls}, {color}, {size}.",
+    "a photo of {a_cls}.",
     "there is {a_cls} in the picture.",
-    "{a_cls} that is {color}.",
-    "an image showing a {size} {cls}.",
-    "a close-up of a {color} {cls} against a {bg} backdrop.",
-    "my {cls} looks {color} today.",
     "a drawing of {a_cls}.",
-    "the {color} {cls} is {size}.",
-    "a {bg} scene with {a_cls}.",
-    "look at this {size} {cls}!",
-    "a picture of the {cls} in {color}.",
-    "{color} {cls} on {bg}.",
     "a simple {cls} icon.",
-    "{a_cls} seen from the front, {color} on {bg}.",
+    "look at this {cls}!",
+    "an image showing {a_cls}.",
+    "{a_cls}.",
+    "this is {a_cls}.",
+    "a picture of the {cls}.",
+    "my favourite {cls}.",
+    "a photo of a {color} {cls}.",
+    "a {size} {cls}.",
+    "{a_cls} on a {bg} background.",
+    "the {cls} is {color}.",
+    "a close-up of a {color} {cls} against a {bg} backdrop.",
+    "a {size} {color} {cls} on a {bg} background.",
 )
 ZERO_SHOT_TEMPLATES = ("a photo of a {}.", "a drawing of a {}.", "a picture of the {}.", "a simple {} icon.")
 SPLIT_IDS = {"train": 1, "test": 2}
