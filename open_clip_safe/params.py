@@ -1,8 +1,9 @@
-"""Argument parsing: open_clip's own flags, checked up front so bad input fails in one line.
+"""Argument parsing: the SafeCLIP flag group plus open_clip's own flags, checked up front.
 
 open_clip reports a missing shard, an empty CSV or an unsized webdataset as a traceback from deep
-inside a data-loader worker, often after the model is built. We parse with open_clip's parser
-unchanged and then check the data flags before anything is created.
+inside a data-loader worker, often after the model is built. We parse the SafeCLIP group with our
+own parser, hand every other flag to open_clip's parser unchanged, and check both before anything
+is created.
 """
 import argparse
 import json
@@ -22,7 +23,8 @@ class UsageError(ValueError):
 
 
 def fail(message):
-    one_line = "; ".join(part.strip(" -") for part in str(message).splitlines() if part.strip())
+    parts = (part.strip() for part in str(message).splitlines())
+    one_line = "; ".join(part[2:] if part.startswith("- ") else part for part in parts if part)
     print(f"{PROG}: error: {one_line}", file=sys.stderr)
     sys.exit(2)
 
@@ -149,15 +151,103 @@ def one_line_error(parser, message):
     fail(message)
 
 
+def safeclip_parser():
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False, prog=PROG)
+    group = parser.add_argument_group("SafeCLIP (Yang et al., ICML 2024); all need --safeclip")
+    group.add_argument("--safeclip", action="store_true",
+                       help="Train with SafeCLIP: unimodal and cross-modal warm-up, then per-epoch safe/risky split.")
+    group.add_argument("--safeclip-inmodal-epochs", type=int, default=5,
+                       help="Unimodal (image-image, text-text) warm-up epochs.")
+    group.add_argument("--safeclip-crossmodal-epochs", type=int, default=1,
+                       help="Cross-modal warm-up epochs at --safeclip-filter-lr.")
+    group.add_argument("--safeclip-filter-lr", type=float, default=5e-6,
+                       help="Constant learning rate of the cross-modal warm-up; the warm-up cosine ends here.")
+    group.add_argument("--safeclip-inmodal-lr", type=float, default=None,
+                       help="Learning rate of the unimodal loss (warm-up and risky sub-epochs); default --lr.")
+    group.add_argument("--safeclip-memory-bank-size", type=int, default=0,
+                       help="Nearest-neighbour memory bank size per modality for the unimodal loss; 0 = off.")
+    group.add_argument("--safeclip-split", choices=("gmm", "topk"), default="gmm",
+                       help="gmm: 2-component mixture on the similarities; topk: rank by raw similarity.")
+    group.add_argument("--safeclip-first-split-threshold", type=float, default=0.9,
+                       help="gmm: clean probability a sample needs to be safe at the first mixed epoch.")
+    group.add_argument("--safeclip-safe-fraction-start", type=float, default=0.15,
+                       help="topk: safe fraction at the first mixed epoch.")
+    group.add_argument("--safeclip-safe-fraction-step", type=float, default=0.01,
+                       help="Growth of the safe fraction per update.")
+    group.add_argument("--safeclip-safe-fraction-max", type=float, default=0.85, help="Cap of the safe fraction.")
+    group.add_argument("--safeclip-update-freq", type=int, default=1,
+                       help="Grow the safe fraction every this many mixed epochs.")
+    group.add_argument("--safeclip-no-cross-aug", dest="safeclip_cross_aug", action="store_false",
+                       help="CLIP loss on (image view 1, caption view 1) instead of crosswise views.")
+    group.add_argument("--safeclip-text-aug", choices=("eda", "none"), default="eda",
+                       help="Caption augmentation: EDA with WordNet, or none (both views are the raw caption).")
+    group.add_argument("--safeclip-sim-batch-size", type=int, default=None,
+                       help="Batch size of the per-sample similarity pass; default 2 x --batch-size.")
+    return parser
+
+
+def check_fraction(value, flag, low_open=True):
+    if not (0 < value <= 1 if low_open else 0 <= value <= 1):
+        interval = "(0, 1]" if low_open else "[0, 1]"
+        raise UsageError(f"{flag} must be in {interval}, got {value}")
+
+
+def check_safeclip_args(args, defaults):
+    """Reject SafeCLIP settings that cannot run, and SafeCLIP flags given without --safeclip."""
+    if not args.safeclip:
+        changed = [name for name, value in vars(defaults).items() if getattr(args, name) != value]
+        if changed:
+            raise UsageError(f"--{changed[0].replace('_', '-')} needs --safeclip")
+        return
+    warmup_epochs = args.safeclip_inmodal_epochs + args.safeclip_crossmodal_epochs
+    if args.safeclip_inmodal_epochs < 0 or args.safeclip_crossmodal_epochs < 0:
+        raise UsageError("--safeclip-inmodal-epochs and --safeclip-crossmodal-epochs must be >= 0")
+    if args.epochs < warmup_epochs:
+        raise UsageError(f"--epochs {args.epochs} is fewer than the {warmup_epochs} SafeCLIP warm-up epochs "
+                         f"(--safeclip-inmodal-epochs + --safeclip-crossmodal-epochs)")
+    check_fraction(args.safeclip_first_split_threshold, "--safeclip-first-split-threshold")
+    check_fraction(args.safeclip_safe_fraction_start, "--safeclip-safe-fraction-start")
+    check_fraction(args.safeclip_safe_fraction_max, "--safeclip-safe-fraction-max")
+    check_fraction(args.safeclip_safe_fraction_step, "--safeclip-safe-fraction-step", low_open=False)
+    for flag, value in (("--safeclip-filter-lr", args.safeclip_filter_lr),
+                        ("--safeclip-inmodal-lr", args.safeclip_inmodal_lr)):
+        if value is not None and value <= 0:
+            raise UsageError(f"{flag} must be positive, got {value}")
+    if args.safeclip_memory_bank_size < 0:
+        raise UsageError("--safeclip-memory-bank-size must be >= 0")
+    if args.safeclip_update_freq < 1:
+        raise UsageError("--safeclip-update-freq must be >= 1")
+    if args.safeclip_sim_batch_size is not None and args.safeclip_sim_batch_size < 1:
+        raise UsageError("--safeclip-sim-batch-size must be >= 1")
+    unsupported = [flag for flag, on in (
+        ("--accum-freq > 1", args.accum_freq > 1), ("--siglip", args.siglip), ("--distill-model", args.distill_model is not None),
+        ("--dataset-type synthetic", args.dataset_type == "synthetic"), ("--horovod", args.horovod),
+        ("a CoCa model", "coca" in args.model.lower()), ("--train-data-upsampling-factors",
+                                                        args.train_data_upsampling_factors is not None),
+    ) if on]
+    if unsupported:
+        raise UsageError(f"--safeclip does not support {unsupported[0]}")
+    if not args.train_data:
+        raise UsageError("--safeclip needs --train-data")
+
+
 def parse_args(argv):
-    """open_clip's parse_args plus up-front checks; exits 2 with one line on bad input."""
+    """SafeCLIP flags + open_clip's parse_args, then up-front checks; one-line errors with exit 2."""
+    parser = safeclip_parser()
+    if "-h" in argv or "--help" in argv:
+        parser.print_help()
+        print()
     original_error = argparse.ArgumentParser.error
     argparse.ArgumentParser.error = one_line_error
     try:
-        args = parse_open_clip_args(argv)
+        safeclip_args, rest = parser.parse_known_args(argv)
+        args = parse_open_clip_args(rest)
     finally:
         argparse.ArgumentParser.error = original_error
+    for name, value in vars(safeclip_args).items():
+        setattr(args, name, value)
     try:
+        check_safeclip_args(args, parser.parse_args([]))
         check_data_args(args)
     except UsageError as error:
         fail(str(error))

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from conftest import REPO, run_cli, run_module
+from open_clip_safe import params
 
 PINNED = os.path.join(REPO, "tests", "run_pinned.py")
 STEP_LOG = re.compile(r"Train Epoch: (\d+) \[\s*(\d+)/\d+.*?(LR: \S+ Logit Scale: \S+ .*)$")
@@ -116,15 +117,25 @@ def bad_input(case, world, tmp_path):
 
 
 @pytest.mark.parametrize("case", BAD_INPUT_CASES)
-def test_bad_input_is_one_line_exit_2(world, tmp_path, case):
+def test_bad_input_is_one_line_exit_2(world, tmp_path, case, capsys):
+    """In-process for speed; test_bad_input_exit_status_from_the_cli covers the real process."""
     flags, message = bad_input(case, world, tmp_path)
     base = ["--model", "safeclip-micro", "--device", "cpu", "--logs", str(tmp_path), "--workers", "1"]
-    result = run_module("open_clip_safe.main", *base, *flags)
-    assert result.returncode == 2, result.stderr[-2000:]
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("open_clip_safe.main: error:"), result.stderr[-2000:]
+    with pytest.raises(SystemExit) as exit_info:
+        params.parse_args([*base, *flags])
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("open_clip_safe.main: error:"), lines
     assert message in lines[0]
-    assert not os.listdir(tmp_path) or not any(p.endswith(".log") for p in os.listdir(tmp_path))
+
+
+def test_bad_input_exit_status_from_the_cli(world, tmp_path):
+    result = run_module("open_clip_safe.main", "--train-data", os.path.join(tmp_path, "{0..3}.tar"),
+                        "--logs", tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"open_clip_safe.main: error: --train-data: shard "
+                                                  f"{tmp_path}/0.tar does not exist"]
+    assert os.listdir(tmp_path) == [], "nothing is written before the input is checked"
 
 
 def test_existing_experiment_is_not_overwritten(world, tmp_path):

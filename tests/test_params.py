@@ -1,0 +1,50 @@
+"""The SafeCLIP flag group: defaults, help, and invalid combinations refused with exit 2."""
+import pytest
+
+from conftest import run_module
+from open_clip_safe import params
+
+
+def parse(world, *flags):
+    return params.parse_args(["--train-data", world["splits"]["train"]["shards"], "--workers", "1", *flags])
+
+
+def test_defaults_are_the_authors(world):
+    args = parse(world, "--safeclip", "--epochs", "32")
+    assert (args.safeclip_inmodal_epochs, args.safeclip_crossmodal_epochs) == (5, 1)
+    assert args.safeclip_filter_lr == 5e-6 and args.safeclip_inmodal_lr is None
+    assert (args.safeclip_first_split_threshold, args.safeclip_safe_fraction_step,
+            args.safeclip_safe_fraction_max, args.safeclip_safe_fraction_start) == (0.9, 0.01, 0.85, 0.15)
+    assert args.safeclip_split == "gmm" and args.safeclip_update_freq == 1
+    assert args.safeclip_cross_aug and args.safeclip_text_aug == "eda" and args.safeclip_memory_bank_size == 0
+    plain = parse(world)
+    assert not plain.safeclip and plain.lr == 5e-4, "open_clip's own defaults still apply"
+
+
+def test_help_shows_both_groups():
+    result = run_module("open_clip_safe.main", "--help")
+    assert result.returncode == 0
+    assert "--safeclip-memory-bank-size" in result.stdout and "--gather-with-grad" in result.stdout
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--safeclip-split", "topk"], "--safeclip-split needs --safeclip"),
+    (["--safeclip", "--epochs", "4"], "--epochs 4 is fewer than the 6 SafeCLIP warm-up epochs"),
+    (["--safeclip", "--epochs", "9", "--safeclip-safe-fraction-max", "1.5"],
+     "--safeclip-safe-fraction-max must be in (0, 1], got 1.5"),
+    (["--safeclip", "--epochs", "9", "--safeclip-first-split-threshold", "0"],
+     "--safeclip-first-split-threshold must be in (0, 1]"),
+    (["--safeclip", "--epochs", "9", "--safeclip-safe-fraction-step", "-0.1"],
+     "--safeclip-safe-fraction-step must be in [0, 1]"),
+    (["--safeclip", "--epochs", "9", "--accum-freq", "2"], "--safeclip does not support --accum-freq > 1"),
+    (["--safeclip", "--epochs", "9", "--siglip"], "--safeclip does not support --siglip"),
+    (["--safeclip", "--epochs", "9", "--safeclip-update-freq", "0"], "--safeclip-update-freq must be >= 1"),
+    (["--safeclip", "--epochs", "9", "--safeclip-memory-bank-size", "-1"], "must be >= 0"),
+    (["--safeclip", "--epochs", "9", "--safeclip-split", "kmeans"], "invalid choice: 'kmeans'"),
+])
+def test_invalid_safeclip_settings(world, capsys, flags, message):
+    with pytest.raises(SystemExit) as exit_info:
+        parse(world, *flags)
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and message in error, error
