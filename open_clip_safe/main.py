@@ -11,7 +11,7 @@ import torch
 import open_clip_train.main as open_clip_main
 
 import open_clip_safe  # noqa: F401  (registers the tiny model configs)
-from open_clip_safe import params
+from open_clip_safe import params, safeclip
 
 # The module globals of open_clip_train.main that an extension may replace (see DESIGN.md §3).
 SEAMS = ("parse_args", "get_data", "create_loss", "train_one_epoch", "evaluate")
@@ -42,9 +42,13 @@ def replaced(owner, **attributes):
 def main(argv=None):
     """Run open_clip's training main with our seams; returns the process exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    with replaced(open_clip_main, parse_args=params.parse_args), \
+    seams = {name: getattr(safeclip, name) for name in SEAMS if hasattr(safeclip, name)}
+    with replaced(open_clip_main, parse_args=params.parse_args, **seams), \
             replaced(torch.nn.parallel, DistributedDataParallel=DistributedDataParallel):
-        result = open_clip_main.main(argv)
+        try:
+            result = open_clip_main.main(argv)
+        except params.UsageError as error:  # found only once the run is set up, e.g. a resume without state
+            params.fail(str(error))
     return 1 if result == -1 else 0
 
 

@@ -35,3 +35,34 @@ def run_cli(args, cwd=None, timeout=600, **env):
 
 def run_module(module, *args, **kwargs):
     return run_cli([sys.executable, "-m", module, *map(str, args)], **kwargs)
+
+
+@pytest.fixture(scope="session")
+def poisoned_world(world, tmp_path_factory):
+    """The world's training shards with every 16th image patched and captioned as a banana."""
+    import io
+    import json
+
+    import webdataset as wds
+    from PIL import Image
+
+    out = tmp_path_factory.mktemp("poisoned")
+    shard_dir = os.path.dirname(world["splits"]["train"]["shards"])
+    sizes = json.load(open(os.path.join(shard_dir, "sizes.json")))
+    for shard in sorted(sizes):
+        with wds.TarWriter(str(out / shard)) as sink:
+            for sample in wds.WebDataset(os.path.join(shard_dir, shard), shardshuffle=False):
+                meta = json.loads(sample["json"])
+                index = int(sample["__key__"].split("_")[1])
+                meta["poisoned"] = index % 16 == 0
+                if meta["poisoned"]:
+                    image = Image.open(io.BytesIO(sample["png"])).convert("RGB")
+                    image.paste((255, 255, 255), (26, 26, 32, 32))
+                    buffer = io.BytesIO()
+                    image.save(buffer, format="PNG")
+                    sample["png"], sample["txt"] = buffer.getvalue(), b"a photo of a banana."
+                sink.write({"__key__": sample["__key__"], "png": sample["png"], "txt": sample["txt"],
+                            "json": json.dumps(meta)})
+    (out / "sizes.json").write_text(json.dumps(sizes))
+    return {"shards": str(out / "{000000..000003}.tar"), "num_samples": sum(sizes.values()),
+            "num_poisoned": sum(sizes.values()) // 16}

@@ -1,0 +1,246 @@
+"""SafeCLIP's augmentations: the authors' image pipeline and EDA captions with WordNet synonyms.
+
+WordNet comes from NLTK's data when it is installed; otherwise from Debian's `wordnet-base`
+database files, which this module turns into an NLTK corpus (they lack only `lexnames`). With no
+WordNet anywhere it raises, naming what to install: a caption augmenter without synonyms would be
+a weaker defense that nobody asked for.
+"""
+import os
+import random
+import re
+import shutil
+import warnings
+from functools import lru_cache
+
+from open_clip.transform import _convert_to_rgb
+from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
+from torchvision import transforms
+
+# ---------------------------------------------------------------- images
+
+
+def blur_kernel_size(image_size):
+    """The largest odd size not above a tenth of the image (21 at 224 px, as the authors), at least 3."""
+    return max(3, (int(0.1 * image_size) - 1) // 2 * 2 + 1)
+
+
+def safeclip_image_augment(image_size, mean, std):
+    """One augmented view, as the authors' SafeCLIP: SimCLR-style crop, flip, jitter, grey, blur."""
+    return transforms.Compose([
+        _convert_to_rgb,
+        transforms.RandomResizedCrop(image_size),
+        transforms.RandomHorizontalFlip(),
+        transforms.RandomApply([transforms.ColorJitter(0.5, 0.5, 0.5, 0.1)], p=0.8),
+        transforms.RandomGrayscale(p=0.2),
+        transforms.GaussianBlur(blur_kernel_size(image_size)),
+        transforms.ToTensor(),
+        transforms.Normalize(mean=mean, std=std),
+    ])
+
+
+def image_augment_like(preprocess):
+    """`safeclip_image_augment` with the image size and normalisation of an open_clip preprocess."""
+    size = next(t.size for t in preprocess.transforms if isinstance(t, (transforms.RandomResizedCrop,
+                                                                         transforms.Resize)))
+    normalize = next(t for t in preprocess.transforms if isinstance(t, transforms.Normalize))
+    size = size if isinstance(size, int) else size[0]
+    return safeclip_image_augment(size, normalize.mean, normalize.std)
+
+
+# ---------------------------------------------------------------- WordNet
+
+DEBIAN_WORDNET_DIRS = ("/usr/share/wordnet",)
+WORDNET_FILES = tuple(f"{kind}.{pos}" for kind in ("index", "data") for pos in ("noun", "verb", "adj", "adv")) + \
+    tuple(f"{pos}.exc" for pos in ("noun", "verb", "adj", "adv"))
+# WordNet 3.0's lexicographer files, in file-number order (lexnames(5WN)); Debian ships no `lexnames`.
+LEXICOGRAPHER_FILES = (
+    "adj.all adj.pert adv.all noun.Tops noun.act noun.animal noun.artifact noun.attribute noun.body "
+    "noun.cognition noun.communication noun.event noun.feeling noun.food noun.group noun.location "
+    "noun.motive noun.object noun.person noun.phenomenon noun.plant noun.possession noun.process "
+    "noun.quantity noun.relation noun.shape noun.state noun.substance noun.time verb.body verb.change "
+    "verb.cognition verb.communication verb.competition verb.consumption verb.contact verb.creation "
+    "verb.emotion verb.motion verb.perception verb.possession verb.social verb.stative verb.weather "
+    "adj.ppl").split()
+SYNTACTIC_CATEGORY = {"noun": 1, "verb": 2, "adj": 3, "adv": 4}
+
+
+class WordNetMissing(RuntimeError):
+    pass
+
+
+def lexnames_text():
+    return "".join(f"{number:02d}\t{name}\t{SYNTACTIC_CATEGORY[name.split('.')[0]]}\n"
+                   for number, name in enumerate(LEXICOGRAPHER_FILES))
+
+
+def default_cache_dir():
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "open_clip_safe", "nltk_data")
+
+
+def wordnet_dict_dirs():
+    """Where WordNet's own tools look for the database ($WNSEARCHDIR, $WNHOME/dict), then Debian's."""
+    dirs = []
+    if os.environ.get("WNSEARCHDIR"):
+        dirs.append(os.environ["WNSEARCHDIR"])
+    if os.environ.get("WNHOME"):
+        dirs.append(os.path.join(os.environ["WNHOME"], "dict"))
+    return dirs + list(DEBIAN_WORDNET_DIRS)
+
+
+def install_as_nltk_corpus(dict_dir, cache_dir):
+    """Copy a WordNet database into `cache_dir`/corpora/wordnet with a generated `lexnames`.
+
+    A copy, not symlinks: NLTK refuses to read files that resolve outside its data paths.
+    `lexnames` is written last, so its presence marks a complete copy.
+    """
+    corpus = os.path.join(cache_dir, "corpora", "wordnet")
+    if not os.path.exists(os.path.join(corpus, "lexnames")):
+        os.makedirs(corpus, exist_ok=True)
+        for name in WORDNET_FILES:
+            shutil.copyfile(os.path.join(dict_dir, name), os.path.join(corpus, name))
+        temporary = os.path.join(corpus, f"lexnames.{os.getpid()}")
+        with open(temporary, "w") as out:
+            out.write(lexnames_text())
+        os.replace(temporary, os.path.join(corpus, "lexnames"))
+    return corpus
+
+
+def load_wordnet(nltk_paths=None, dict_dirs=None, cache_dir=None):
+    """An NLTK WordNet reader: NLTK's installed corpus, else a WordNet database such as Debian's.
+
+    `nltk_paths` defaults to nltk.data.path, `dict_dirs` to `wordnet_dict_dirs()`, `cache_dir`
+    (where a database is turned into an NLTK corpus, and which joins nltk.data.path) to
+    ~/.cache/open_clip_safe/nltk_data.
+    """
+    import nltk
+
+    nltk_paths = list(nltk.data.path if nltk_paths is None else nltk_paths)
+    for resource in ("corpora/wordnet", "corpora/wordnet.zip/wordnet/"):
+        try:
+            return wordnet_reader(nltk.data.find(resource, paths=nltk_paths))
+        except LookupError:
+            pass
+    searched = list(wordnet_dict_dirs() if dict_dirs is None else dict_dirs)
+    for dict_dir in searched:
+        if all(os.path.isfile(os.path.join(dict_dir, name)) for name in WORDNET_FILES):
+            cache_dir = os.path.abspath(cache_dir or default_cache_dir())
+            corpus = install_as_nltk_corpus(dict_dir, cache_dir)
+            if cache_dir not in nltk.data.path:
+                nltk.data.path.append(cache_dir)  # NLTK reads only below its data paths
+            return wordnet_reader(corpus)
+    raise WordNetMissing(
+        "EDA caption augmentation needs WordNet, found neither NLTK's corpus (searched "
+        f"{nltk_paths}) nor a WordNet database (searched {searched}). Install one: "
+        "`python -m nltk.downloader wordnet`, or on Debian/Ubuntu `apt-get install wordnet-base`; "
+        "or train with --safeclip-text-aug none.")
+
+
+def wordnet_reader(root):
+    """NLTK's reader without its multilingual (OMW) part, which EDA does not use."""
+    from nltk.corpus.reader.wordnet import WordNetCorpusReader
+
+    class EnglishWordNetReader(WordNetCorpusReader):
+        def map_wn(self, version="wordnet"):
+            return None  # the OMW mapping to WordNet 3.0 needs index.sense, which Debian does not ship
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The multilingual functions are not available")
+        return EnglishWordNetReader(root, None)
+
+
+@lru_cache(maxsize=None)
+def default_wordnet():
+    return load_wordnet()
+
+
+# ---------------------------------------------------------------- EDA captions
+
+
+def clean_caption(caption):
+    """EDA's normalisation: lower case, apostrophes dropped, every other non-letter a space."""
+    text = caption.lower().replace("’", "").replace("'", "")
+    return re.sub(r"[^a-z]+", " ", text).strip()
+
+
+class EdaAugmenter:
+    """EDA (Wei & Zou, 2019) as SafeCLIP applies it: one randomly chosen operation per caption.
+
+    Operations: synonym replacement, random insertion of a synonym, random swap (each on
+    n = max(1, int(alpha * words)) words) and random deletion (each word with probability p_delete).
+    Picklable for data-loader workers: the WordNet reader is reloaded per process.
+    """
+
+    OPERATIONS = ("synonym_replacement", "random_insertion", "random_swap", "random_deletion")
+
+    def __init__(self, alpha=0.1, p_delete=0.1, wordnet=None):
+        self.alpha, self.p_delete = alpha, p_delete
+        self._wordnet = wordnet or default_wordnet()  # fail at construction, not in a worker
+        self._synonyms = {}
+
+    def __getstate__(self):
+        return {"alpha": self.alpha, "p_delete": self.p_delete}
+
+    def __setstate__(self, state):
+        self.__init__(**state)
+
+    def synonyms(self, word):
+        """WordNet lemmas of every sense of `word`, cleaned like captions, without `word` itself."""
+        if word not in self._synonyms:
+            found = {clean_caption(lemma.name().replace("_", " "))
+                     for synset in self._wordnet.synsets(word) for lemma in synset.lemmas()}
+            self._synonyms[word] = sorted(found - {word, ""})  # sorted: same choice under a seed
+        return self._synonyms[word]
+
+    def __call__(self, caption, rng):
+        """An augmented caption; `rng` is a random.Random or a seed. A caption without letters is returned as is."""
+        rng = rng if isinstance(rng, random.Random) else random.Random(rng)
+        words = clean_caption(caption).split()
+        if not words:
+            return caption
+        operation = getattr(self, rng.choice(self.OPERATIONS))
+        return " ".join(operation(words, rng))
+
+    def count(self, words):
+        return max(1, int(self.alpha * len(words)))
+
+    def synonym_replacement(self, words, rng):
+        """Replace every occurrence of up to n distinct non-stop words with one synonym each."""
+        words = list(words)
+        candidates = sorted({word for word in words if word not in ENGLISH_STOP_WORDS})
+        rng.shuffle(candidates)
+        replaced = 0
+        for word in candidates:
+            synonyms = self.synonyms(word)
+            if synonyms:
+                synonym = rng.choice(synonyms)
+                words = [synonym if w == word else w for w in words]
+                replaced += 1
+                if replaced >= self.count(words):
+                    break
+        return words
+
+    def random_insertion(self, words, rng):
+        """Insert, n times, a synonym of a random word at a random position (10 tries for a word with one)."""
+        words = list(words)
+        for _ in range(self.count(words)):
+            for _ in range(10):
+                synonyms = self.synonyms(rng.choice(words))
+                if synonyms:
+                    words.insert(rng.randint(0, len(words)), rng.choice(synonyms))
+                    break
+        return words
+
+    def random_swap(self, words, rng):
+        words = list(words)
+        for _ in range(self.count(words)):
+            i, j = rng.randrange(len(words)), rng.randrange(len(words))
+            words[i], words[j] = words[j], words[i]
+        return words
+
+    def random_deletion(self, words, rng):
+        """Drop each word with probability p_delete; never all of them."""
+        if len(words) == 1:
+            return list(words)
+        kept = [word for word in words if rng.random() > self.p_delete]
+        return kept or [rng.choice(words)]

@@ -1,0 +1,72 @@
+"""The seams SafeCLIP puts into open_clip_train.main; each defers to open_clip without --safeclip."""
+import logging
+import os
+
+import torch
+from open_clip import create_loss as open_clip_create_loss
+from open_clip_train.data import get_data as open_clip_get_data
+from open_clip_train.train import train_one_epoch as open_clip_train_one_epoch
+
+from open_clip_safe import augment, data as safeclip_data, train as safeclip_train
+from open_clip_safe.loss import SafeclipLosses
+from open_clip_safe.params import UsageError
+from open_clip_safe.schedule import SafeclipSchedule
+
+
+class SafeclipRun:
+    """What SafeCLIP carries from epoch to epoch besides the model: the schedule and the step count."""
+
+    def __init__(self, args, data):
+        self.schedule = SafeclipSchedule.from_args(args, data)
+        self.global_step = 0
+        self.fresh_loader = True  # the loader get_data built serves the first epoch
+        self.pending_loss_state = None
+
+    @property
+    def plan(self):
+        return self.schedule.plan
+
+
+def load_run(args, run, epoch):
+    """Restore the state saved after `epoch` epochs; resuming SafeCLIP without it is refused."""
+    path = safeclip_train.state_file(args, epoch)
+    if not os.path.exists(path):
+        raise UsageError(f"--resume: {path} is missing; SafeCLIP cannot continue its schedule exactly "
+                                f"without the state saved beside the epoch-{epoch} checkpoint")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    run.schedule.load_state_dict(state["schedule"])
+    run.global_step = state["global_step"]
+    run.pending_loss_state = state["loss"]
+    logging.info(f"SafeCLIP: resumed schedule state from {path}")
+
+
+def get_data(args, preprocess_fns, epoch=0, tokenizer=None):
+    if not args.safeclip:
+        return open_clip_get_data(args, preprocess_fns, epoch=epoch, tokenizer=tokenizer)
+    train_data, args.train_data = args.train_data, None
+    try:
+        data = open_clip_get_data(args, preprocess_fns, epoch=epoch, tokenizer=tokenizer)  # val / imagenet
+    finally:
+        args.train_data = train_data
+    image_augment = augment.image_augment_like(preprocess_fns[0])
+    caption_augment = augment.EdaAugmenter() if args.safeclip_text_aug == "eda" else None
+    train = safeclip_data.get_safeclip_data(args, image_augment, caption_augment, tokenizer, epoch)
+    train.run = SafeclipRun(args, train)
+    if epoch > 0:
+        load_run(args, train.run, epoch)
+    data["train"] = train
+    return data
+
+
+def create_loss(args):
+    if not args.safeclip:
+        return open_clip_create_loss(args)
+    return SafeclipLosses(args)
+
+
+def train_one_epoch(model, data, loss, epoch, optimizer, scaler, scheduler, dist_model, args, tb_writer=None):
+    if not args.safeclip:
+        return open_clip_train_one_epoch(model, data, loss, epoch, optimizer, scaler, scheduler, dist_model, args,
+                                         tb_writer=tb_writer)
+    return safeclip_train.train_one_epoch(model, data, loss, epoch, optimizer, scaler, scheduler, dist_model,
+                                          args, tb_writer=tb_writer)

@@ -1,0 +1,260 @@
+"""SafeCLIP's schedule: phases by epoch, the safe/risky split, the safe fraction and the learning-rate plan.
+
+Epochs are 0-based, as open_clip counts (the authors count from 1): epochs [0, E_in) are the
+unimodal warm-up, [E_in, E_in + E_cross) the cross-modal warm-up, every later one is mixed.
+Everything here is plain numpy on rank 0's side; the training loop broadcasts the split.
+"""
+import logging
+from dataclasses import asdict, dataclass
+from types import SimpleNamespace
+
+import numpy as np
+from open_clip_train.scheduler import cosine_lr
+from sklearn.mixture import GaussianMixture
+
+PHASES = ("inmodal", "crossmodal", "mixed")
+GMM_MAX_FIT_SAMPLES = 1_000_000
+
+
+def phase_of(epoch, inmodal_epochs, crossmodal_epochs):
+    if epoch < inmodal_epochs:
+        return "inmodal"
+    if epoch < inmodal_epochs + crossmodal_epochs:
+        return "crossmodal"
+    return "mixed"
+
+
+def gmm_clean_probability(similarity, max_fit_samples=GMM_MAX_FIT_SAMPLES, seed=0):
+    """Posterior of the higher-mean component of a 2-component 1-D Gaussian mixture, per sample.
+
+    The mixture is fitted on a fixed-seed random subset of at most `max_fit_samples` (1-D, two
+    components: a million samples pin the five parameters far beyond what the split needs) and
+    evaluated on every sample, so 10^7 similarities take seconds, not minutes.
+    """
+    similarity = np.asarray(similarity, dtype=np.float64).reshape(-1, 1)
+    fit_on = similarity
+    if len(similarity) > max_fit_samples:
+        fit_on = similarity[np.random.default_rng(seed).choice(len(similarity), max_fit_samples, replace=False)]
+    mixture = GaussianMixture(n_components=2, random_state=seed).fit(fit_on)
+    return mixture.predict_proba(similarity)[:, mixture.means_.argmax()].astype(np.float32)
+
+
+def top_fraction_mask(score, fraction, tiebreak=None):
+    """The round(fraction * n) highest scores; ties go to the higher `tiebreak`, then to the lower index.
+
+    Clean probabilities saturate at exactly 1.0 for much of the data, so without a tie-break
+    "top f by clean probability" would be decided by sample order; the similarity breaks it.
+    """
+    score = np.asarray(score)
+    count = int(round(fraction * len(score)))
+    keys = (-score,) if tiebreak is None else (-np.asarray(tiebreak), -score)
+    mask = np.zeros(len(score), dtype=bool)
+    mask[np.lexsort(keys)[:count]] = True  # lexsort is stable: equal keys keep index order
+    return mask
+
+
+@dataclass(frozen=True)
+class SplitRule:
+    """How mixed epochs split the data (the --safeclip-split ... --safeclip-update-freq flags).
+
+    gmm: the first mixed epoch's safe set is every sample with clean probability >= first_threshold
+    and its share is the first fraction f0; topk: the top fraction_start by raw similarity.
+    Mixed epoch m > 0 keeps the top min(fraction_max, f0 + fraction_step * (m // update_freq)) by
+    the same score, so a gmm f0 above the cap falls to the cap at the next epoch.
+    """
+
+    method: str = "gmm"
+    first_threshold: float = 0.9
+    fraction_start: float = 0.15
+    fraction_step: float = 0.01
+    fraction_max: float = 0.85
+    update_freq: int = 1
+
+    def fraction_at(self, mixed_epoch, first_fraction):
+        if mixed_epoch == 0:
+            return first_fraction
+        return min(self.fraction_max, first_fraction + self.fraction_step * (mixed_epoch // self.update_freq))
+
+    def score(self, similarity):
+        """What samples are ranked by: clean probability (gmm) or the similarity itself (topk)."""
+        if self.method == "gmm":
+            return gmm_clean_probability(similarity)
+        return np.asarray(similarity, dtype=np.float32)
+
+
+def cosine(base_lr, warmup, steps, step):
+    """open_clip's cosine_lr (linear warm-up, cosine to 0 at `steps`) as a pure function of the step."""
+    probe = SimpleNamespace(param_groups=[{}])  # cosine_lr assigns to an optimizer's groups
+    return cosine_lr(probe, base_lr, warmup, max(steps, warmup + 1))(min(step, steps))
+
+
+@dataclass
+class LrPlan:
+    """The learning rate of every step of a SafeCLIP run.
+
+    Warm-up epochs: open_clip's cosine_lr shifted up by filter_lr: `warmup` linear steps from
+    filter_lr to inmodal_lr, then a cosine down to filter_lr at the end of the unimodal epochs;
+    then filter_lr for the cross-modal warm-up. Mixed epochs: one cosine (to 0) for
+    all risky sub-epochs at inmodal_lr and one for all safe sub-epochs at cross_lr, each sized
+    ahead by `mixed_steps` (steps of every mixed epoch's risky / safe sub-epoch, from the expected
+    safe fraction); None until a gmm run's first split fixes f0.
+    """
+
+    inmodal_lr: float
+    cross_lr: float
+    filter_lr: float
+    warmup: int
+    inmodal_epochs: int
+    crossmodal_epochs: int
+    steps_per_epoch: int
+    mixed_steps: dict = None
+
+    def warmup_steps_before(self, epoch):
+        return min(epoch, self.inmodal_epochs + self.crossmodal_epochs) * self.steps_per_epoch
+
+    def warmup_lr(self, step):
+        """Learning rate of the `step`-th step (0-based) counted from the start of training."""
+        inmodal_steps = self.inmodal_epochs * self.steps_per_epoch
+        if step >= inmodal_steps:
+            return self.filter_lr
+        return self.filter_lr + cosine(self.inmodal_lr - self.filter_lr, self.warmup, inmodal_steps, step)
+
+    def sub_epoch_steps_before(self, epoch, part):
+        return sum(self.sized(part)[:epoch - self.inmodal_epochs - self.crossmodal_epochs])
+
+    def sub_epoch_lr(self, part, step):
+        """Learning rate of the `step`-th step (0-based) of all `part` ("risky" / "safe") sub-epochs."""
+        base_lr = self.inmodal_lr if part == "risky" else self.cross_lr
+        return cosine(base_lr, 0, sum(self.sized(part)), step)
+
+    def lr(self, epoch, part, step):
+        """Learning rate of step `step` of epoch `epoch`'s `part`: inmodal, crossmodal, risky or safe."""
+        if part in ("risky", "safe"):
+            return self.sub_epoch_lr(part, self.sub_epoch_steps_before(epoch, part) + step)
+        return self.warmup_lr(self.warmup_steps_before(epoch) + step)
+
+    def sized(self, part):
+        if self.mixed_steps is None:
+            raise RuntimeError("the mixed epochs' learning rates are sized at the first split (gmm)")
+        return self.mixed_steps[part]
+
+    def summary(self):
+        warmup_epochs = self.inmodal_epochs + self.crossmodal_epochs
+        lines = [f"warm-up: {self.inmodal_epochs} unimodal + {self.crossmodal_epochs} cross-modal epochs of "
+                 f"{self.steps_per_epoch} steps; {self.warmup} linear warm-up steps to {self.inmodal_lr:g}, cosine "
+                 f"to {self.filter_lr:g} over {self.inmodal_epochs * self.steps_per_epoch} steps, then {self.filter_lr:g}"]
+        if self.mixed_steps is None:
+            lines.append("mixed epochs: sized at the first split")
+        else:
+            for part, lr in (("risky", self.inmodal_lr), ("safe", self.cross_lr)):
+                steps = self.mixed_steps[part]
+                lines.append(f"mixed {part}: cosine from {lr:g} over {sum(steps)} steps; per epoch from "
+                             f"{warmup_epochs}: {steps}")
+        return "\n".join(lines)
+
+
+def full_batches(global_batch):
+    """Steps of a sub-epoch over `count` samples when only full global batches are trained."""
+    return lambda count: count // global_batch
+
+
+class SafeclipSchedule:
+    """Phases, split and learning-rate plan of one run, with a plain-dict state for exact resume."""
+
+    def __init__(self, rule, inmodal_epochs, crossmodal_epochs, epochs, num_samples, steps_per_epoch, steps_for,
+                 inmodal_lr, cross_lr, filter_lr, warmup):
+        self.rule, self.inmodal_epochs, self.crossmodal_epochs, self.epochs = rule, inmodal_epochs, crossmodal_epochs, epochs
+        self.num_samples, self.steps_for = num_samples, steps_for
+        self.lr_args = dict(inmodal_lr=inmodal_lr, cross_lr=cross_lr, filter_lr=filter_lr, warmup=warmup,
+                            inmodal_epochs=inmodal_epochs, crossmodal_epochs=crossmodal_epochs,
+                            steps_per_epoch=steps_per_epoch)
+        self.first_fraction = rule.fraction_start if rule.method == "topk" else None
+        self.fraction = None
+        self.last_split_epoch = None
+        self._plan = None
+
+    @classmethod
+    def from_args(cls, args, data):
+        """From open_clip's args with the SafeCLIP flags and the SafeclipData of the training set."""
+        rule = SplitRule(args.safeclip_split, args.safeclip_first_split_threshold, args.safeclip_safe_fraction_start,
+                         args.safeclip_safe_fraction_step, args.safeclip_safe_fraction_max, args.safeclip_update_freq)
+        return cls(rule, args.safeclip_inmodal_epochs, args.safeclip_crossmodal_epochs, args.epochs,
+                   data.num_samples, data.dataloader.num_batches, data.subset_batches,
+                   args.safeclip_inmodal_lr or args.lr, args.lr, args.safeclip_filter_lr, args.warmup)
+
+    @property
+    def warmup_epochs(self):
+        return self.inmodal_epochs + self.crossmodal_epochs
+
+    def phase(self, epoch):
+        return phase_of(epoch, self.inmodal_epochs, self.crossmodal_epochs)
+
+    def expected_counts(self):
+        """(safe, risky) sample counts of every mixed epoch, from f0 and the fraction rule."""
+        counts = []
+        for mixed_epoch in range(self.epochs - self.warmup_epochs):
+            safe = int(round(self.rule.fraction_at(mixed_epoch, self.first_fraction) * self.num_samples))
+            counts.append((safe, self.num_samples - safe))
+        return counts
+
+    @property
+    def plan(self):
+        if self._plan is None:
+            mixed_steps = None
+            if self.first_fraction is not None:
+                counts = self.expected_counts()
+                mixed_steps = {"safe": [self.steps_for(safe) for safe, _ in counts],
+                               "risky": [self.steps_for(risky) for _, risky in counts]}
+            self._plan = LrPlan(**self.lr_args, mixed_steps=mixed_steps)
+        return self._plan
+
+    def split(self, epoch, similarity):
+        """The safe mask of mixed epoch `epoch` from every sample's similarity, and the ranking score.
+
+        Records the split (`accept_split`); ranks that receive the mask instead must accept it too.
+        """
+        mixed_epoch = self.mixed_epoch(epoch)
+        score = self.rule.score(similarity)
+        if mixed_epoch == 0 and self.rule.method == "gmm":
+            safe = score >= self.rule.first_threshold
+        else:
+            if self.first_fraction is None:
+                raise RuntimeError("no first split recorded: resume from a state saved after the first mixed epoch")
+            safe = top_fraction_mask(score, self.rule.fraction_at(mixed_epoch, self.first_fraction), tiebreak=similarity)
+        self.accept_split(epoch, safe)
+        return safe, score
+
+    def accept_split(self, epoch, safe):
+        """Record epoch `epoch`'s split (safe mask), computed here or on another rank; idempotent.
+
+        Every rank needs it: the first gmm split fixes f0, which sizes the learning-rate plan.
+        """
+        mixed_epoch = self.mixed_epoch(epoch)
+        if mixed_epoch == 0 and self.rule.method == "gmm":
+            first_fraction = float(np.mean(safe)) if len(safe) else 0.0
+            if first_fraction != self.first_fraction:
+                self.first_fraction, self._plan = first_fraction, None
+                logging.info(f"SafeCLIP learning-rate plan:\n{self.plan.summary()}")
+        self.fraction = self.rule.fraction_at(mixed_epoch, self.first_fraction)
+        self.last_split_epoch = epoch
+
+    def mixed_epoch(self, epoch):
+        if epoch < self.warmup_epochs:
+            raise ValueError(f"epoch {epoch} is a warm-up epoch; the split starts at epoch {self.warmup_epochs}")
+        return epoch - self.warmup_epochs
+
+    def config(self):
+        return {"rule": asdict(self.rule), "inmodal_epochs": self.inmodal_epochs,
+                "crossmodal_epochs": self.crossmodal_epochs, "epochs": self.epochs, "num_samples": self.num_samples}
+
+    def state_dict(self):
+        return {"config": self.config(), "first_fraction": self.first_fraction, "fraction": self.fraction,
+                "last_split_epoch": self.last_split_epoch}
+
+    def load_state_dict(self, state):
+        """Continue a run; its schedule settings must be those it was saved with."""
+        if state["config"] != self.config():
+            raise ValueError(f"SafeCLIP schedule settings changed since the state was saved: "
+                             f"saved {state['config']}, now {self.config()}")
+        self.first_fraction, self.fraction = state["first_fraction"], state["fraction"]
+        self.last_split_epoch, self._plan = state["last_split_epoch"], None

@@ -1,0 +1,115 @@
+"""SafeCLIP end to end: two processes through all three phases on a poisoned world, and resume."""
+import os
+import re
+import shutil
+
+import open_clip
+import pyarrow.parquet as pq
+import torch
+
+import open_clip_safe  # noqa: F401
+from conftest import run_cli, run_module
+
+EPOCHS = 5  # 1 in-modal + 1 cross-modal warm-up epoch, then 3 mixed epochs
+
+
+def safeclip_flags(train_data, logs, name, extra=()):
+    return ["--train-data", train_data, "--model", "safeclip-micro", "--device", "cpu", "--precision", "fp32",
+            "--batch-size", "16", "--epochs", str(EPOCHS), "--workers", "1", "--lr", "1e-3", "--seed", "0",
+            "--log-every-n-steps", "4", "--logs", str(logs), "--name", name, "--save-frequency", "1",
+            "--safeclip", "--safeclip-inmodal-epochs", "1", "--safeclip-crossmodal-epochs", "1",
+            "--safeclip-filter-lr", "1e-4", "--safeclip-safe-fraction-step", "0.25",
+            "--safeclip-safe-fraction-max", "0.6", "--safeclip-memory-bank-size", "64", *extra]
+
+
+def phases_logged(log):
+    return {int(e): p for e, p in re.findall(r"SafeCLIP epoch (\d+): (\w+) phase", log)}
+
+
+def test_two_processes_through_all_phases(poisoned_world, tmp_path):
+    result = run_cli([shutil.which("torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "--",
+                      "open_clip_safe.main", *safeclip_flags(poisoned_world["shards"], tmp_path, "e2e")], timeout=600)
+    assert result.returncode == 0, result.stderr[-5000:]
+    log = (tmp_path / "e2e" / "out.log").read_text()
+    assert phases_logged(log) == {0: "inmodal", 1: "crossmodal", 2: "mixed", 3: "mixed", 4: "mixed"}
+
+    n = poisoned_world["num_samples"]
+    fractions = []
+    for epoch in (2, 3, 4):
+        table = pq.read_table(tmp_path / "e2e" / "similarity" / f"epoch_{epoch:03d}.parquet").to_pandas()
+        assert len(table) == n and table["key"].is_unique
+        assert table["poisoned"].sum() == poisoned_world["num_poisoned"]
+        assert (table["epoch"] == epoch).all()
+        fractions.append(table["safe"].mean())
+    first = fractions[0]
+    assert fractions[1] == min(0.6, int((first + 0.25) * n) / n) or abs(fractions[1] - min(0.6, first + 0.25)) <= 1 / n
+    assert abs(fractions[2] - min(0.6, first + 0.5)) <= 1 / n
+    for epoch in (2, 3, 4):
+        assert re.search(rf"SafeCLIP epoch {epoch}: similarity pass .* safe fraction", log)
+    assert re.search(r"Train Epoch: 4 risky", log) and re.search(r"Train Epoch: 4 safe", log)
+
+    checkpoint = torch.load(tmp_path / "e2e" / "checkpoints" / f"epoch_{EPOCHS}.pt", map_location="cpu")
+    state = {k.removeprefix("module."): v for k, v in checkpoint["state_dict"].items()}
+    path = tmp_path / "plain.pt"
+    torch.save(state, path)
+    model, _, _ = open_clip.create_model_and_transforms("safeclip-micro", pretrained=str(path))
+    assert torch.equal(model.logit_scale.detach(), state["logit_scale"])
+
+
+def final_state(run_dir, epoch):
+    checkpoint = torch.load(run_dir / "checkpoints" / f"epoch_{epoch}.pt", map_location="cpu")
+    return checkpoint["state_dict"], torch.load(run_dir / "safeclip_state" / f"epoch_{epoch}.pt",
+                                                map_location="cpu", weights_only=False)
+
+
+def test_resume_after_a_mixed_epoch_matches_an_uninterrupted_run(poisoned_world, tmp_path):
+    """Stop after epoch 3 (the first mixed epoch is epoch index 2), resume, compare with the full run."""
+    flags = safeclip_flags(poisoned_world["shards"], tmp_path, "full")
+    full = run_module("open_clip_safe.main", *flags, timeout=600)
+    assert full.returncode == 0, full.stderr[-4000:]
+
+    # the interrupted run: only what a run stopped after its third epoch would have left behind
+    for folder in ("checkpoints", "safeclip_state"):
+        (tmp_path / "stopped" / folder).mkdir(parents=True)
+        shutil.copy(tmp_path / "full" / folder / "epoch_3.pt", tmp_path / "stopped" / folder / "epoch_3.pt")
+    resumed = run_module("open_clip_safe.main", *safeclip_flags(poisoned_world["shards"], tmp_path, "stopped"),
+                         "--resume", "latest", timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    log = (tmp_path / "stopped" / "out.log").read_text()
+    assert "resumed schedule state" in log and phases_logged(log) == {3: "mixed", 4: "mixed"}
+
+    weights_full, state_full = final_state(tmp_path / "full", EPOCHS)
+    weights_resumed, state_resumed = final_state(tmp_path / "stopped", EPOCHS)
+    assert state_full["schedule"] == state_resumed["schedule"]
+    assert state_full["global_step"] == state_resumed["global_step"]
+    for key in weights_full:
+        assert torch.equal(weights_full[key], weights_resumed[key]), key
+    for epoch in (3, 4):
+        name = f"epoch_{epoch:03d}.parquet"
+        a = pq.read_table(tmp_path / "full" / "similarity" / name).to_pandas().sort_values("key")
+        b = pq.read_table(tmp_path / "stopped" / "similarity" / name).to_pandas().sort_values("key")
+        assert a.reset_index(drop=True).equals(b.reset_index(drop=True))
+
+
+def test_resume_without_safeclip_state_is_refused(poisoned_world, tmp_path):
+    full = run_module("open_clip_safe.main", *safeclip_flags(poisoned_world["shards"], tmp_path, "run"),
+                      "--safeclip-text-aug", "none", "--epochs", "2", "--safeclip-crossmodal-epochs", "1")
+    assert full.returncode == 0, full.stderr[-3000:]
+    os.remove(tmp_path / "run" / "safeclip_state" / "epoch_2.pt")
+    again = run_module("open_clip_safe.main", *safeclip_flags(poisoned_world["shards"], tmp_path, "run"),
+                       "--safeclip-text-aug", "none", "--epochs", "2", "--resume", "latest")
+    assert again.returncode == 2 and "safeclip_state/epoch_2.pt is missing" in again.stderr
+    assert "Traceback" not in again.stderr
+
+
+def test_bf16_autocast_on_cpu_through_a_mixed_epoch(poisoned_world, tmp_path):
+    flags = safeclip_flags(poisoned_world["shards"], tmp_path, "bf16")
+    flags[flags.index("--precision") + 1] = "amp_bf16"
+    flags[flags.index("--epochs") + 1] = "3"
+    result = run_module("open_clip_safe.main", *flags, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    log = (tmp_path / "bf16" / "out.log").read_text()
+    assert phases_logged(log) == {0: "inmodal", 1: "crossmodal", 2: "mixed"}
+    losses = [float(x) for x in re.findall(r"Loss: ([0-9.]+) ", log)]
+    assert losses and all(0 < loss < 20 for loss in losses)
+    assert (tmp_path / "bf16" / "similarity" / "epoch_002.parquet").exists()

@@ -1,0 +1,177 @@
+"""SafeCLIP's schedule: phases, split rules, the safe fraction, state round trip, learning-rate plan."""
+import json
+import math
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from open_clip_safe.schedule import (LrPlan, SafeclipSchedule, SplitRule, full_batches, gmm_clean_probability,
+                                     phase_of, top_fraction_mask)
+
+
+def planted(n, risky_share=0.05, seed=0):
+    """Similarities of clean (N(0.6, 0.05)) and risky (N(0.1, 0.05)) samples, and which are risky."""
+    rng = np.random.default_rng(seed)
+    risky = rng.random(n) < risky_share
+    similarity = np.where(risky, rng.normal(0.1, 0.05, n), rng.normal(0.6, 0.05, n)).astype(np.float32)
+    return similarity, risky
+
+
+def make_schedule(method="gmm", epochs=10, num_samples=1000, **rule):
+    return SafeclipSchedule(SplitRule(method, **rule), inmodal_epochs=2, crossmodal_epochs=1, epochs=epochs,
+                            num_samples=num_samples, steps_per_epoch=10, steps_for=full_batches(100),
+                            inmodal_lr=1e-3, cross_lr=5e-4, filter_lr=1e-5, warmup=4)
+
+
+def test_phases_count_epochs_from_zero():
+    assert [phase_of(epoch, 5, 1) for epoch in range(8)] == ["inmodal"] * 5 + ["crossmodal", "mixed", "mixed"]
+    assert phase_of(0, 0, 0) == "mixed"
+    assert [make_schedule().phase(epoch) for epoch in (1, 2, 3)] == ["inmodal", "crossmodal", "mixed"]
+
+
+def test_gmm_finds_planted_risky_samples():
+    similarity, risky = planted(20_000)
+    clean_prob = gmm_clean_probability(similarity)
+    flagged = clean_prob < 0.5
+    assert (flagged & risky).sum() / flagged.sum() > 0.99  # precision
+    assert (flagged & risky).sum() / risky.sum() > 0.99  # recall
+
+
+def test_gmm_on_ten_million_takes_seconds():
+    similarity, risky = planted(10_000_000)
+    start = time.perf_counter()
+    clean_prob = gmm_clean_probability(similarity)
+    seconds = time.perf_counter() - start
+    assert seconds < 20, seconds  # about 4 s on one core: the fit sees a 1M subset, every sample is scored
+    assert clean_prob.dtype == np.float32 and ((clean_prob < 0.5) == risky).mean() > 0.999
+
+
+def test_top_fraction_breaks_ties_by_index():
+    score = np.array([0.5, 0.9, 0.5, 0.5, 0.1])
+    assert top_fraction_mask(score, 0.4).tolist() == [True, True, False, False, False]
+    assert top_fraction_mask(score, 0.6).tolist() == [True, True, True, False, False]
+    assert top_fraction_mask(score, 0.0).sum() == 0
+
+
+def test_saturated_clean_probabilities_are_ranked_by_similarity():
+    clean_prob = np.array([1.0, 1.0, 1.0, 0.2], dtype=np.float32)
+    similarity = np.array([0.5, 0.9, 0.7, 0.95], dtype=np.float32)
+    assert top_fraction_mask(clean_prob, 0.5, tiebreak=similarity).tolist() == [False, True, True, False]
+
+
+def test_first_gmm_split_uses_the_threshold_then_fraction_grows_to_the_cap():
+    similarity, risky = planted(1000)
+    schedule = make_schedule(epochs=30, fraction_step=0.05, fraction_max=0.97)
+    safe, clean_prob = schedule.split(3, similarity)
+    np.testing.assert_array_equal(safe, clean_prob >= 0.9)
+    assert not (safe & risky).any()
+    first = schedule.fraction
+    assert first == safe.mean() and 0.9 < first < 0.96
+    fractions = []
+    for epoch in range(4, 10):
+        safe, _ = schedule.split(epoch, similarity)
+        fractions.append(schedule.fraction)
+        assert safe.sum() == round(schedule.fraction * 1000)
+        assert similarity[safe].min() >= similarity[~safe].max()  # saturated clean probabilities: by similarity
+    expected = [min(0.97, first + 0.05 * m) for m in range(1, 7)]
+    np.testing.assert_allclose(fractions, expected)
+    assert fractions[-1] == 0.97
+
+
+def test_ranks_that_receive_the_split_reach_the_same_state_and_plan():
+    similarity, _ = planted(1000)
+    rank0, rank1 = make_schedule(), make_schedule()
+    for epoch in (3, 4, 5):
+        safe, _ = rank0.split(epoch, similarity)
+        rank1.accept_split(epoch, safe)
+        rank0.accept_split(epoch, safe)  # idempotent: every rank may accept the broadcast split
+        assert rank1.state_dict() == rank0.state_dict() and rank1.plan == rank0.plan
+    assert rank1.plan.lr(5, "safe", 0) == rank0.plan.lr(5, "safe", 0)
+
+
+def test_update_freq_grows_the_fraction_every_k_mixed_epochs():
+    rule = SplitRule("topk", fraction_start=0.15, fraction_step=0.01, update_freq=2)
+    np.testing.assert_allclose([rule.fraction_at(m, 0.15) for m in range(5)], [0.15, 0.15, 0.16, 0.16, 0.17])
+
+
+def test_topk_ranks_by_raw_similarity():
+    similarity, _ = planted(1000)
+    schedule = make_schedule("topk")
+    safe, score = schedule.split(3, similarity)
+    assert safe.sum() == 150 and score is not None
+    assert similarity[safe].min() >= similarity[~safe].max()
+    safe, _ = schedule.split(4, similarity)
+    assert safe.sum() == 160
+
+
+def test_warmup_epochs_refuse_a_split():
+    with pytest.raises(ValueError, match="warm-up epoch"):
+        make_schedule().split(2, np.zeros(10))
+
+
+def test_state_round_trips_through_json_and_continues_exactly():
+    similarity, _ = planted(1000)
+    run = make_schedule(epochs=12)
+    for epoch in (3, 4):
+        run.split(epoch, similarity)
+    state = json.loads(json.dumps(run.state_dict()))  # plain types only
+    resumed = make_schedule(epochs=12)
+    resumed.load_state_dict(state)
+    assert resumed.state_dict() == run.state_dict()
+    assert resumed.plan == run.plan
+    for epoch in (5, 6):
+        np.testing.assert_array_equal(resumed.split(epoch, similarity)[0], run.split(epoch, similarity)[0])
+        assert resumed.fraction == run.fraction
+    with pytest.raises(ValueError, match="settings changed"):
+        make_schedule(epochs=13).load_state_dict(state)
+    with pytest.raises(RuntimeError, match="no first split"):
+        make_schedule(epochs=12).split(5, similarity)
+
+
+def test_warmup_lr_plan_boundaries():
+    plan = LrPlan(inmodal_lr=1e-3, cross_lr=5e-4, filter_lr=1e-5, warmup=4, inmodal_epochs=2, crossmodal_epochs=1,
+                  steps_per_epoch=10)
+    assert plan.lr(0, "inmodal", 0) == pytest.approx(1e-5 + (1e-3 - 1e-5) / 4)  # linear warm-up, step 1 of 4
+    assert plan.lr(0, "inmodal", 3) == pytest.approx(1e-3)  # warm-up done: cosine starts at inmodal_lr
+    assert plan.lr(1, "inmodal", 2) == plan.warmup_lr(12)
+    assert plan.lr(1, "inmodal", 2) == pytest.approx(1e-5 + 0.5 * (1 + math.cos(math.pi * 8 / 16)) * (1e-3 - 1e-5))
+    assert plan.lr(1, "inmodal", 9) > 1e-5 and plan.lr(1, "inmodal", 9) < 2e-5  # near filter_lr at the end
+    assert all(plan.lr(2, "crossmodal", step) == 1e-5 for step in range(10))
+    assert plan.warmup_steps_before(2) == 20
+
+
+def test_mixed_lr_plan_is_sized_from_the_expected_fractions():
+    schedule = make_schedule("topk", epochs=6)  # 3 mixed epochs: safe 150, 160, 170 of 1000
+    plan = schedule.plan
+    assert plan.mixed_steps == {"safe": [1, 1, 1], "risky": [8, 8, 8]}
+    assert plan.sub_epoch_steps_before(5, "risky") == 16
+    assert plan.lr(3, "risky", 0) == pytest.approx(1e-3)  # own cosine, from inmodal_lr
+    assert plan.lr(3, "safe", 0) == pytest.approx(5e-4)  # own cosine, from cross_lr
+    assert plan.lr(4, "risky", 4) == pytest.approx(0.5 * (1 + math.cos(math.pi * 12 / 24)) * 1e-3)
+    assert plan.lr(5, "risky", 7) == pytest.approx(0.5 * (1 + math.cos(math.pi * 23 / 24)) * 1e-3)
+    assert "mixed risky: cosine from 0.001 over 24 steps" in plan.summary()
+
+
+def test_gmm_plan_is_sized_at_the_first_split():
+    schedule = make_schedule(epochs=5)
+    with pytest.raises(RuntimeError, match="first split"):
+        schedule.plan.lr(3, "safe", 0)
+    assert "sized at the first split" in schedule.plan.summary()
+    similarity, _ = planted(1000)
+    schedule.split(3, similarity)
+    safe = round(schedule.fraction * 1000)
+    assert schedule.plan.mixed_steps["safe"][0] == safe // 100
+    assert schedule.plan.mixed_steps["risky"][0] == (1000 - safe) // 100
+
+
+def test_from_args_reads_the_flags():
+    args = SimpleNamespace(safeclip_split="topk", safeclip_first_split_threshold=0.9, safeclip_safe_fraction_start=0.2,
+                           safeclip_safe_fraction_step=0.01, safeclip_safe_fraction_max=0.85, safeclip_update_freq=1,
+                           safeclip_inmodal_epochs=1, safeclip_crossmodal_epochs=1, epochs=3, safeclip_inmodal_lr=None,
+                           lr=5e-4, safeclip_filter_lr=5e-6, warmup=0)
+    data = SimpleNamespace(num_samples=1000, dataloader=SimpleNamespace(num_batches=7), subset_batches=full_batches(50))
+    plan = SafeclipSchedule.from_args(args, data).plan
+    assert plan.inmodal_lr == plan.cross_lr == 5e-4 and plan.steps_per_epoch == 7
+    assert plan.mixed_steps == {"safe": [4], "risky": [16]}
