@@ -10,7 +10,6 @@ import random
 import re
 import shutil
 import warnings
-from functools import lru_cache
 
 from open_clip.transform import _convert_to_rgb
 from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
@@ -149,9 +148,16 @@ def wordnet_reader(root):
         return EnglishWordNetReader(root, None)
 
 
-@lru_cache(maxsize=None)
+_READERS = {}
+
+
 def default_wordnet():
-    return load_wordnet()
+    """One reader per process: a reader inherited through fork shares its open files' read
+    positions with the parent's, and concurrent lookups then read the wrong synsets."""
+    pid = os.getpid()
+    if pid not in _READERS:
+        _READERS[pid] = load_wordnet()
+    return _READERS[pid]
 
 
 # ---------------------------------------------------------------- EDA captions
@@ -175,8 +181,14 @@ class EdaAugmenter:
 
     def __init__(self, alpha=0.1, p_delete=0.1, wordnet=None):
         self.alpha, self.p_delete = alpha, p_delete
-        self._wordnet = wordnet or default_wordnet()  # fail at construction, not in a worker
+        self._own_wordnet = wordnet
+        if wordnet is None:
+            default_wordnet()  # fail at construction, not in a worker
         self._synonyms = {}
+
+    @property
+    def _wordnet(self):
+        return self._own_wordnet or default_wordnet()
 
     def __getstate__(self):
         return {"alpha": self.alpha, "p_delete": self.p_delete}

@@ -182,3 +182,22 @@ def test_debian_database_becomes_an_nltk_corpus(tmp_path):
     assert lexnames[3] == "03\tnoun.Tops\t1" and lexnames[29] == "29\tverb.body\t2"
     car = reader.synsets("car")[0]
     assert "automobile" in car.lemma_names() and car.lexname() == "noun.artifact"
+
+
+def child_has_own_reader(parent_pid, queue):
+    from open_clip_safe import augment
+    queue.put(augment.default_wordnet() is not augment._READERS[parent_pid])
+
+
+def test_forked_workers_open_their_own_wordnet_reader():
+    """A reader inherited through fork shares open files' read positions with the parent's: two
+    data-loader workers then read wrong synsets (seen as 'No WordNet synset found' and a crash)."""
+    import multiprocessing
+
+    EdaAugmenter().synonyms("large")  # the parent's reader has its files open
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=child_has_own_reader, args=(os.getpid(), queue))
+    child.start()
+    child.join(60)
+    assert queue.get(timeout=10) is True
