@@ -6,9 +6,9 @@ ranks with different sample counts never meet in a DDP collective. Ids and simil
 gathered to every rank; each rank writes its own rows of the log, and rank 0 merges the parts into
 one file per epoch.
 """
-import glob
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass
 
@@ -127,12 +127,12 @@ def write_log(args, result, clean_prob, safe, epoch):
         dist.barrier()
     target = os.path.join(folder, f"epoch_{epoch:03d}.parquet")
     if is_master(args):
-        part_files = sorted(glob.glob(os.path.join(parts, "rank*.parquet")))
+        # this run's ranks only: a run stopped mid-pass may have left parts of another world size
+        part_files = [os.path.join(parts, f"rank{rank:05d}.parquet") for rank in range(args.world_size)]
         schema = pq.read_schema(part_files[0])
         with pq.ParquetWriter(target + ".tmp", schema) as writer:
             for part in part_files:
                 writer.write_table(pq.read_table(part))
-                os.remove(part)
         os.replace(target + ".tmp", target)
-        os.rmdir(parts)
+        shutil.rmtree(parts)
     return target

@@ -18,7 +18,7 @@ def dry_run(script, **env):
     return result
 
 
-@pytest.mark.parametrize("script", SBATCH_FILES + ("common.sh",))
+@pytest.mark.parametrize("script", SBATCH_FILES + ("common.sh", "local_cluster.sh"))
 def test_bash_syntax(script):
     subprocess.run(["bash", "-n", os.path.join(SCRIPTS, script)], check=True)
 
