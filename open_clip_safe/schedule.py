@@ -153,11 +153,6 @@ class LrPlan:
         return "\n".join(lines)
 
 
-def full_batches(global_batch):
-    """Steps of a sub-epoch over `count` samples when only full global batches are trained."""
-    return lambda count: count // global_batch
-
-
 class SafeclipSchedule:
     """Phases, split and learning-rate plan of one run, with a plain-dict state for exact resume."""
 

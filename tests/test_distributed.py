@@ -1,5 +1,4 @@
 """Two CPU processes under torchrun with gloo train end to end (upstream's DDP call fails on CPU)."""
-import os
 import re
 import shutil
 
