@@ -12,6 +12,7 @@ import open_clip_train.main as open_clip_main
 
 import open_clip_safe  # noqa: F401  (registers the tiny model configs)
 from open_clip_safe import params, safeclip
+from open_clip_safe.augment import WordNetMissing
 
 # The module globals of open_clip_train.main that an extension may replace (see DESIGN.md §3).
 SEAMS = ("parse_args", "get_data", "create_loss", "train_one_epoch", "evaluate")
@@ -47,7 +48,7 @@ def main(argv=None):
             replaced(torch.nn.parallel, DistributedDataParallel=DistributedDataParallel):
         try:
             result = open_clip_main.main(argv)
-        except params.UsageError as error:  # found only once the run is set up, e.g. a resume without state
+        except (params.UsageError, WordNetMissing) as error:  # found once the run is set up
             params.fail(str(error))
     return 1 if result == -1 else 0
 

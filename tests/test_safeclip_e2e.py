@@ -5,6 +5,7 @@ import shutil
 
 import open_clip
 import pyarrow.parquet as pq
+import pytest
 import torch
 
 import open_clip_safe  # noqa: F401
@@ -113,3 +114,17 @@ def test_bf16_autocast_on_cpu_through_a_mixed_epoch(poisoned_world, tmp_path):
     losses = [float(x) for x in re.findall(r"Loss: ([0-9.]+) ", log)]
     assert losses and all(0 < loss < 20 for loss in losses)
     assert (tmp_path / "bf16" / "similarity" / "epoch_002.parquet").exists()
+
+
+def test_missing_wordnet_is_one_line_exit_2(poisoned_world, tmp_path, monkeypatch, capsys):
+    from open_clip_safe import augment, main
+
+    def no_wordnet():
+        raise augment.WordNetMissing("no WordNet found: python -m nltk.downloader wordnet, "
+                                     "or apt-get install wordnet-base")
+    monkeypatch.setattr(augment, "default_wordnet", no_wordnet)
+    with pytest.raises(SystemExit) as exit_info:
+        main.main(safeclip_flags(poisoned_world["shards"], tmp_path, "nownet"))
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().endswith(
+        "open_clip_safe.main: error: no WordNet found: python -m nltk.downloader wordnet, or apt-get install wordnet-base")
