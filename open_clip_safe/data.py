@@ -198,28 +198,21 @@ class CsvSamples(Dataset):
         return Image.open(self.images[index]).convert("RGB"), self.captions[index], str(index)
 
 
-class CsvTwoViews(Dataset):
-    def __init__(self, samples, views):
-        self.samples, self.views = samples, views
+class CsvRows(Dataset):
+    """CSV rows as training tuples (both views) or, with `pass_view`, similarity-pass tuples (view 1)."""
 
-    def __len__(self):
-        return len(self.samples)
-
-    def __getitem__(self, index):
-        return (index, *self.views(*self.samples.load(index)))
-
-
-class CsvViewOne(Dataset):
-    def __init__(self, samples, views):
-        self.samples, self.views = samples, views
+    def __init__(self, samples, views, pass_view=False):
+        self.samples, self.views, self.pass_view = samples, views, pass_view
 
     def __len__(self):
         return len(self.samples)
 
     def __getitem__(self, index):
         image, caption, key = self.samples.load(index)
-        return (index, key, int(self.samples.poisoned[index]), self.views.image_augment(image),
-                self.views.tokens(caption, key, 1))
+        if self.pass_view:
+            return (index, key, int(self.samples.poisoned[index]), self.views.image_augment(image),
+                    self.views.tokens(caption, key, 1))
+        return (index, *self.views(image, caption, key))
 
 
 def seed_worker(worker_id):
@@ -278,7 +271,7 @@ class SafeclipData(DataInfo):
         self.set_epoch(epoch)
         if self.kind == "csv":
             indices = None if lookup is None else lookup.subset_indices(want_safe)
-            return csv_train_loader(self.args, CsvTwoViews(self.csv, self.views), epoch, indices)
+            return csv_train_loader(self.args, CsvRows(self.csv, self.views), epoch, indices)
         count = self.num_samples
         select = None
         if lookup is not None:
@@ -288,7 +281,7 @@ class SafeclipData(DataInfo):
 
     def pass_loader(self, batch_size):
         if self.kind == "csv":
-            return csv_pass_loader(self.args, CsvViewOne(self.csv, self.views), batch_size)
+            return csv_pass_loader(self.args, CsvRows(self.csv, self.views, pass_view=True), batch_size)
         return wds_pass_loader(self.args, self.views, batch_size)
 
     def subset_batches(self, count):
