@@ -1,0 +1,259 @@
+"""evaluate: known-answer accuracy and ASR with a model whose predictions the test controls, a real
+tiny checkpoint against a hand computation, split diagnostics from Parquet logs, bad input."""
+import json
+import os
+
+import numpy as np
+import open_clip
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchvision import transforms
+
+import open_clip_safe  # noqa: F401
+from open_clip_safe.attacks import load_attack_card, target_samples
+from open_clip_safe.evaluate import csv_test_set, evaluate_model
+from open_clip_safe.world import CLASSES, ZERO_SHOT_TEMPLATES
+
+from conftest import run_module
+
+LEVEL = 255 / len(CLASSES)  # a solid image of gray level LEVEL * (c + 0.5) "shows" class c to the oracle
+
+
+class Oracle(torch.nn.Module):
+    """A CLIP stand-in whose predictions the test sets.
+
+    Text: one-hot of the class name found in the tokens. Image: class p from the median gray level,
+    scored exp(-|c - p|) so top-5 is p +- 2; an image with any non-uniform pixel (a trigger) is
+    classified as `target` when p is even ("the backdoor works on even classes"); planted images
+    get the class planted for them.
+    """
+
+    def __init__(self, tokenizer, classnames, target, planted=()):
+        super().__init__()
+        self.names = [tokenizer([name])[0] for name in classnames]
+        self.names = [ids[1:int((ids > 0).sum()) - 1] for ids in self.names]  # strip start/end/padding
+        self.target, self.planted = target, list(planted)
+
+    def encode_text(self, texts, normalize=False):
+        found = torch.zeros(len(texts), len(self.names))
+        for row, ids in enumerate(texts):
+            for c, name in enumerate(self.names):
+                windows = ids.unfold(0, len(name), 1)
+                found[row, c] = float((windows == name).all(dim=1).any())
+        assert (found.sum(1) == 1).all(), "every prompt names exactly one class"
+        return F.normalize(found, dim=-1) if normalize else found
+
+    def encode_image(self, images, normalize=False):
+        scores = []
+        for image in images:
+            planted = [c for tensor, c in self.planted if torch.equal(tensor, image)]
+            p = int(torch.clamp(image.median() * 255 // LEVEL, 0, len(self.names) - 1))
+            if planted:
+                p = planted[0]
+            elif image.amax() > image.amin() and p % 2 == 0:
+                p = self.target
+            scores.append(torch.exp(-torch.abs(torch.arange(len(self.names)) - p).float()))
+        features = torch.stack(scores)
+        return F.normalize(features, dim=-1) if normalize else features
+
+
+def solid_csv(folder, shown_and_labels):
+    """A test CSV of 32 px solid images; each row (shown class, label)."""
+    os.makedirs(folder, exist_ok=True)
+    rows = ["filepath\tlabel"]
+    for index, (shown, label) in enumerate(shown_and_labels):
+        gray = int(LEVEL * (shown + 0.5))
+        path = os.path.join(folder, f"img_{index:03d}.png")
+        Image.new("RGB", (32, 32), (gray, gray, gray)).save(path)
+        rows.append(f"{path}\t{label}")
+    path = os.path.join(folder, "test.csv")
+    with open(path, "w") as handle:
+        handle.write("\n".join(rows) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def known_test_set(tmp_path_factory):
+    """30 correct, 5 off by two (top-5 only), 5 off by seven (miss); classes 2..17, away from the edges."""
+    rng = np.random.default_rng(0)
+    rows = [(c, c) for c in rng.integers(2, 18, 30)]
+    rows += [(c, c + 2) for c in rng.integers(2, 16, 5)]
+    rows += [(c, c - 7) if c >= 9 else (c, c + 7) for c in rng.integers(2, 18, 5)]
+    return rows, csv_test_set(solid_csv(tmp_path_factory.mktemp("solid"), rows), "filepath", "label", "\t")
+
+
+def oracle_eval(test_set, cards=(), planted=(), target="banana"):
+    tokenizer = open_clip.get_tokenizer("safeclip-micro")
+    model = Oracle(tokenizer, list(CLASSES), CLASSES.index(target), planted)
+    return evaluate_model(model, transforms.ToTensor(), tokenizer, test_set, list(CLASSES), list(ZERO_SHOT_TEMPLATES),
+                          cards, batch_size=16, progress=False)
+
+
+def test_top1_top5_known_answer(known_test_set):
+    _, test_set = known_test_set
+    result = oracle_eval(test_set)
+    assert result["num_test"] == 40
+    assert result["top1"] == pytest.approx(30 / 40)
+    assert result["top5"] == pytest.approx(35 / 40)
+    assert result["backdoor"] is None and result["targeted"] is None
+
+
+@pytest.fixture(scope="module")
+def badnets_card(world, tmp_path_factory):
+    out = tmp_path_factory.mktemp("badnets")
+    done = run_module("open_clip_safe.attacks", "--train-data", world["splits"]["train"]["shards"], "--out", out,
+                      "--attack", "badnets", "--num-poisons", 4, "--target-label", "banana", "--seed", 1, "--quiet",
+                      "--overwrite")
+    assert done.returncode == 0, done.stderr
+    return load_attack_card(out)
+
+
+def test_backdoor_asr_known_answer(known_test_set, badnets_card):
+    rows, test_set = known_test_set
+    result = oracle_eval(test_set, [badnets_card])
+    target = CLASSES.index("banana")
+    eligible = [(shown, label) for shown, label in rows if label != target]
+    expected = sum(shown % 2 == 0 for shown, _ in eligible) / len(eligible)
+    assert 0 < expected < 1
+    assert result["backdoor"]["num_triggered"] == len(eligible)
+    assert result["backdoor"]["asr"] == pytest.approx(expected)
+    assert result["top1"] == pytest.approx(30 / 40), "clean images are untouched by the trigger"
+
+
+def test_targeted_asr_known_answer(world, tmp_path, known_test_set):
+    out = tmp_path / "targeted"
+    done = run_module("open_clip_safe.attacks", "--train-data", world["splits"]["train"]["shards"], "--out", out,
+                      "--attack", "targeted", "--target-images", world["splits"]["test"]["shards"],
+                      "--classnames", os.path.join(world["dir"], "classnames.txt"), "--num-targets", 4,
+                      "--captions-per-target", 2, "--seed", 3, "--quiet")
+    assert done.returncode == 0, done.stderr
+    card = load_attack_card(out)
+    targets = target_samples(card)
+    assert len(targets) == 4
+    to_tensor = transforms.ToTensor()
+    # the model falls for targets 0 and 2 only, and sees the others as their true class
+    planted = [(to_tensor(t["image"]), CLASSES.index(t["adversarial"] if i % 2 == 0 else t["class"]))
+               for i, t in enumerate(targets)]
+    result = oracle_eval(known_test_set[1], [card], planted)
+    assert result["targeted"]["num_targets"] == 4
+    assert result["targeted"]["asr"] == pytest.approx(0.5)
+    assert [row["success"] for row in result["targeted"]["targets"]] == [True, False, True, False]
+    assert result["backdoor"] is None
+
+
+def test_cli_matches_hand_computation_on_a_real_checkpoint(world, tmp_path):
+    """A tiny open_clip model saved as training writes it ('module.' prefix); CLI top-1 == a by-hand zero-shot."""
+    torch.manual_seed(0)
+    model, _, preprocess = open_clip.create_model_and_transforms("safeclip-micro")
+    model.eval()
+    checkpoint = tmp_path / "epoch_1.pt"
+    torch.save({"epoch": 1, "name": "t", "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}},
+               checkpoint)
+    output = tmp_path / "result.json"
+    done = run_module("open_clip_safe.evaluate", "--model", "safeclip-micro", "--checkpoint", checkpoint,
+                      "--world", world["dir"], "--output", output, "--quiet")
+    assert done.returncode == 0, done.stderr
+    assert "zero-shot top-1" in done.stdout
+    result = json.loads(output.read_text())
+
+    tokenizer = open_clip.get_tokenizer("safeclip-micro")
+    import pandas as pd
+    table = pd.read_csv(world["splits"]["test"]["csv"], sep="\t")
+    with torch.no_grad():
+        heads = []
+        for name in CLASSES:
+            text = model.encode_text(tokenizer([t.format(name) for t in ZERO_SHOT_TEMPLATES]))
+            heads.append(F.normalize(F.normalize(text, dim=-1).mean(0), dim=0))
+        images = torch.stack([preprocess(Image.open(p).convert("RGB")) for p in table["filepath"]])
+        logits = F.normalize(model.encode_image(images), dim=-1) @ torch.stack(heads).T
+    ranked = logits.argsort(dim=1, descending=True)
+    labels = torch.tensor(table["label"].to_numpy())
+    assert result["num_test"] == len(table) == 64
+    assert result["top1"] == pytest.approx(float((ranked[:, 0] == labels).float().mean()))
+    assert result["top5"] == pytest.approx(float((ranked[:, :5] == labels[:, None]).any(1).float().mean()))
+
+
+def write_epoch(folder, epoch, similarity, safe, poisoned=None):
+    columns = {"key": [f"k{i}" for i in range(len(similarity))], "similarity": np.asarray(similarity, np.float32),
+               "clean_prob": np.asarray(similarity, np.float32), "safe": np.asarray(safe, bool),
+               "epoch": np.full(len(similarity), epoch, np.int32)}
+    if poisoned is not None:
+        columns["poisoned"] = np.asarray(poisoned, bool)
+    os.makedirs(folder, exist_ok=True)
+    pq.write_table(pa.table(columns), os.path.join(folder, f"epoch_{epoch:03d}.parquet"))
+
+
+def test_split_diagnostics_counts_and_plots(tmp_path):
+    run = tmp_path / "run"
+    rng = np.random.default_rng(0)
+    # epoch 6: 100 samples, 10 poisoned; 40 safe of which 2 poisoned -> 8 of 60 risky are poisoned
+    poisoned = np.zeros(100, bool)
+    poisoned[:10] = True
+    safe = np.zeros(100, bool)
+    safe[8:48] = True
+    write_epoch(run / "similarity", 6, rng.normal(0.3, 0.1, 100), safe, poisoned)
+    safe7 = np.zeros(100, bool)
+    safe7[10:60] = True
+    write_epoch(run / "similarity", 7, rng.normal(0.3, 0.1, 100), safe7, poisoned)
+    output = tmp_path / "diag.json"
+    done = run_module("open_clip_safe.evaluate", "--similarity-logs", run, "--output", output)
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(output.read_text())["split_diagnostics"]
+    assert [row["epoch"] for row in rows] == [6, 7]
+    assert rows[0]["safe"] == 40 and rows[0]["safe_fraction"] == pytest.approx(0.4)
+    assert rows[0]["poisoned"] == 10 and rows[0]["poisoned_in_safe"] == 2
+    assert rows[0]["risky_recall"] == pytest.approx(0.8)
+    assert rows[0]["risky_precision"] == pytest.approx(8 / 60)
+    assert rows[1]["poisoned_in_safe"] == 0 and rows[1]["risky_recall"] == pytest.approx(1.0)
+    for name in ("similarity_epoch_006.png", "similarity_epoch_007.png", "safe_fraction.png"):
+        assert (run / "diagnostics" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "risky recall" in done.stdout
+
+
+def test_split_diagnostics_without_poison_flags(tmp_path):
+    write_epoch(tmp_path / "similarity", 6, np.linspace(0, 1, 20), np.arange(20) >= 10)
+    done = run_module("open_clip_safe.evaluate", "--similarity-logs", tmp_path, "--plots-dir", tmp_path / "plots",
+                      "--output", tmp_path / "d.json")
+    assert done.returncode == 0, done.stderr
+    row = json.loads((tmp_path / "d.json").read_text())["split_diagnostics"][0]
+    assert row["safe"] == 10 and row["poisoned"] is None and row["risky_recall"] is None
+    assert (tmp_path / "plots" / "safe_fraction.png").is_file()
+
+
+def bad(*args):
+    done = run_module("open_clip_safe.evaluate", *args)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("open_clip_safe.evaluate: error: "), done.stderr
+    return lines[0]
+
+
+def test_bad_input_exits_2_with_one_line(world, tmp_path):
+    checkpoint = tmp_path / "missing.pt"
+    assert "nothing to do" in bad()
+    assert "--world" in bad("--model", "safeclip-micro", "--checkpoint", "x.pt")
+    assert "unknown open_clip model" in bad("--model", "nope", "--checkpoint", "x.pt", "--world", world["dir"])
+    assert str(checkpoint) in bad("--model", "safeclip-micro", "--checkpoint", checkpoint, "--world", world["dir"])
+    assert "no world card" in bad("--model", "safeclip-micro", "--checkpoint", "x.pt", "--world", tmp_path)
+    csv = tmp_path / "nolabel.csv"
+    csv.write_text("filepath\ttitle\nx.png\tx\n")
+    assert "missing column(s) label" in bad("--model", "safeclip-micro", "--checkpoint", "x.pt", "--test-data", csv)
+    torch.save({"state_dict": {"nothing": torch.zeros(1)}}, tmp_path / "wrong.pt")
+    assert "does not load into safeclip-micro" in bad("--model", "safeclip-micro", "--checkpoint",
+                                                      tmp_path / "wrong.pt", "--world", world["dir"])
+    assert "no epoch_NNN.parquet" in bad("--similarity-logs", tmp_path)
+    assert "outside the 3 class names" in bad_labels(world, tmp_path)
+
+
+def bad_labels(world, tmp_path):
+    classnames = tmp_path / "three.txt"
+    classnames.write_text("banana\numbrella\nmushroom\n")
+    torch.manual_seed(0)
+    model = open_clip.create_model("safeclip-micro")
+    torch.save({"state_dict": model.state_dict()}, tmp_path / "ok.pt")
+    return bad("--model", "safeclip-micro", "--checkpoint", tmp_path / "ok.pt", "--world", world["dir"],
+               "--classnames", classnames, "--quiet")
