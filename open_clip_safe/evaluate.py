@@ -6,7 +6,6 @@ backdoor ASR is the share of triggered test images whose true class is not the t
 classified as the target; targeted ASR the share of target images classified as their adversarial
 class. `--similarity-logs` adds the per-epoch split diagnostics of a SafeCLIP run, with plots.
 """
-import argparse
 import json
 import os
 import sys
@@ -19,7 +18,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-PROG = "open_clip_safe.evaluate"
+from open_clip_safe.cli import Parser, fail
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
@@ -310,19 +310,8 @@ def result_table(result):
 # ---------------------------------------------------------------- CLI
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):
-        fail(message)
-
-
-def fail(message):
-    print(f"{PROG}: error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
 def parse_args(argv):
-    parser = Parser(prog=f"python -m {PROG}", description=__doc__.split("\n\n")[0],
-                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = Parser("evaluate", __doc__.split("\n\n")[0])
     parser.add_argument("--model", help="open_clip model name (e.g. safeclip-tiny, RN50).")
     parser.add_argument("--checkpoint", help="Checkpoint file (open_clip or open_clip_safe training output) or an "
                                              "open_clip pretrained tag.")
@@ -414,7 +403,7 @@ def main(argv=None):
     try:
         run(args)
     except (EvaluationError, FileNotFoundError, ValueError) as error:
-        fail(str(error).strip().splitlines()[0])
+        fail("evaluate", str(error).strip().splitlines()[0])
     return 0
 
 

@@ -1,0 +1,216 @@
+"""`python -m open_clip_safe.bench`: what SafeCLIP costs against plain open_clip, per phase and per run.
+
+Runs `open_clip_safe.main` twice on the same data, model and batch size, each in its own process:
+plain open_clip for E epochs, then SafeCLIP for E epochs (one unimodal warm-up epoch, one
+cross-modal epoch, then mixed epochs at growing safe fractions). Inside each run the seams are
+wrapped with timers, so the figures are the training loop's wall time (data loading included,
+process start and model creation excluded): samples/s per phase, the similarity pass, the
+SafeCLIP/open_clip ratio per phase and for the whole run, and peak memory.
+"""
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from open_clip_safe.cli import Parser, fail
+
+
+
+# ---------------------------------------------------------------- inside one timed run
+
+
+class PhaseTimer:
+    """Wall time, samples and peak memory of every timed call, in call order."""
+
+    def __init__(self, device):
+        self.cuda = device.startswith("cuda")
+        self.records = []
+
+    def peak_memory_mib(self):
+        import torch
+
+        if self.cuda:
+            return torch.cuda.max_memory_allocated() / 2**20
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the process's running peak
+
+    def wrap(self, function, phase_of, samples_of):
+        def timed(*args, **kwargs):
+            import torch
+
+            if self.cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            start = time.perf_counter()
+            result = function(*args, **kwargs)
+            if self.cuda:
+                torch.cuda.synchronize()
+            self.records.append({"phase": phase_of(*args, **kwargs), "seconds": time.perf_counter() - start,
+                                 "samples": samples_of(result, *args, **kwargs),
+                                 "peak_memory_mib": self.peak_memory_mib()})
+            return result
+        return timed
+
+
+def timed_run(report_path, argv):
+    """open_clip_safe.main(argv) with timers around the epoch, sub-epoch and similarity-pass seams."""
+    from open_clip_safe import main as safe_main, safeclip, train
+
+    device = argv[argv.index("--device") + 1] if "--device" in argv else "cpu"
+    timer = PhaseTimer(device)
+
+    def epoch_samples(_, model, data, *rest, **kwargs):
+        return data["train"].dataloader.num_samples
+
+    def steps_samples(_, model, loader, *rest, **kwargs):
+        args = rest[4]
+        return loader.num_batches * args.batch_size * args.world_size
+
+    safeclip.open_clip_train_one_epoch = timer.wrap(safeclip.open_clip_train_one_epoch,
+                                                    lambda *a, **k: "open_clip epoch", epoch_samples)
+    train.run_steps = timer.wrap(train.run_steps, lambda *a, **k: a[8], steps_samples)
+    train.similarity_pass = timer.wrap(train.similarity_pass, lambda *a, **k: "similarity pass",
+                                       lambda result, *a, **k: len(result.similarity))
+    train.mixed_epoch = timer.wrap(train.mixed_epoch, lambda *a, **k: "mixed epoch",
+                                   lambda _, model, data, *rest, **k: data.num_samples)
+    status = safe_main.main(argv)
+    Path(report_path).write_text(json.dumps(timer.records, indent=1))
+    return status
+
+
+# ---------------------------------------------------------------- the benchmark
+
+
+def run_timed(argv, report_path, log_path):
+    code = ("import sys; from open_clip_safe.bench import timed_run; "
+            "sys.exit(timed_run(sys.argv[1], sys.argv[2:]))")
+    with open(log_path, "w") as log:
+        done = subprocess.run([sys.executable, "-c", code, str(report_path), *map(str, argv)], stdout=log,
+                              stderr=subprocess.STDOUT)
+    if done.returncode != 0:
+        raise BenchError(f"a timed run failed (exit {done.returncode}); see {log_path}")
+    return json.loads(Path(report_path).read_text())
+
+
+class BenchError(RuntimeError):
+    pass
+
+
+def summarize(plain, safe, fractions):
+    """Per-phase rows (samples/s, ratio to open_clip) and the whole-run ratio."""
+    plain_epochs = [r for r in plain if r["phase"] == "open_clip epoch"]
+    plain_rate = sum(r["samples"] for r in plain_epochs) / sum(r["seconds"] for r in plain_epochs)
+    rows = [{"phase": "open_clip epoch", "samples": plain_epochs[0]["samples"],
+             "seconds": sum(r["seconds"] for r in plain_epochs) / len(plain_epochs), "samples_per_s": plain_rate,
+             "ratio": 1.0, "peak_memory_mib": max(r["peak_memory_mib"] for r in plain_epochs)}]
+
+    def add(name, record):
+        rate = record["samples"] / record["seconds"]
+        rows.append({"phase": name, "samples": record["samples"], "seconds": record["seconds"], "samples_per_s": rate,
+                     "ratio": plain_rate / rate, "peak_memory_mib": record["peak_memory_mib"]})
+
+    for tag, name in (("inmodal", "SafeCLIP unimodal warm-up epoch"), ("crossmodal", "SafeCLIP cross-modal epoch")):
+        add(name, next(r for r in safe if r["phase"] == tag))
+    passes = [r for r in safe if r["phase"] == "similarity pass"]
+    add("similarity pass", {**passes[0], "seconds": sum(r["seconds"] for r in passes) / len(passes)})
+    for fraction, record in zip(fractions, [r for r in safe if r["phase"] == "mixed epoch"]):
+        add(f"SafeCLIP mixed epoch, safe {fraction:.0%} (pass included)", record)
+    plain_total = sum(r["seconds"] for r in plain_epochs)
+    safe_total = sum(r["seconds"] for r in safe if r["phase"] in ("inmodal", "crossmodal", "mixed epoch"))
+    return rows, {"open_clip_seconds": plain_total, "safeclip_seconds": safe_total, "ratio": safe_total / plain_total}
+
+
+def markdown(rows, whole, epochs, hardware):
+    lines = [f"Hardware: {hardware}", "",
+             "| phase | samples | seconds | samples/s | time vs open_clip | peak memory (MiB) |",
+             "|---|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(f"| {row['phase']} | {row['samples']} | {row['seconds']:.1f} | {row['samples_per_s']:.0f} | "
+                     f"{row['ratio']:.2f}x | {row['peak_memory_mib']:.0f} |")
+    lines.append(f"| whole run, {epochs} epochs | | {whole['safeclip_seconds']:.1f} vs {whole['open_clip_seconds']:.1f}"
+                 f" | | {whole['ratio']:.2f}x | |")
+    return "\n".join(lines)
+
+
+def hardware_name(device):
+    import platform
+
+    import torch
+
+    if device.startswith("cuda"):
+        return f"{torch.cuda.get_device_name()} ({torch.__version__})"
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads ({torch.__version__})"
+
+
+def parse_args(argv):
+    parser = Parser("bench", __doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="bench_out", help="Folder for the world, logs and the report.")
+    parser.add_argument("--train-data", help="webdataset shards to time on (default: a generated world).")
+    parser.add_argument("--num-train", type=int, default=8000, help="Size of the generated world.")
+    parser.add_argument("--model", default="safeclip-tiny", help="open_clip model name.")
+    parser.add_argument("--batch-size", type=int, default=128, help="Per-device batch size.")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda.")
+    parser.add_argument("--precision", default="fp32", help="open_clip --precision (amp on GPU).")
+    parser.add_argument("--workers", type=int, default=2, help="Data-loader workers.")
+    parser.add_argument("--fractions", default="0.15,0.5,0.85",
+                        help="Safe fractions of the timed mixed epochs (comma-separated, increasing).")
+    args = parser.parse_args(argv)
+    try:
+        args.fractions = [float(f) for f in args.fractions.split(",")]
+    except ValueError:
+        parser.error(f"--fractions {args.fractions}: expected comma-separated numbers")
+    if any(not 0 < f <= 1 for f in args.fractions) or args.fractions != sorted(args.fractions):
+        parser.error("--fractions must be increasing, each in (0, 1]")
+    if args.num_train < 4 * args.batch_size:
+        parser.error("--num-train must hold at least 4 batches")
+    return args
+
+
+def run_bench(args):
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    train_data = args.train_data
+    if train_data is None:
+        from open_clip_safe.world import generate_world
+
+        world = out / "world"
+        card = generate_world(world, args.num_train, 64, seed=0, shard_size=max(1, args.num_train // 8),
+                              formats=("wds",))
+        train_data = card["splits"]["train"]["shards"]
+    fractions = args.fractions
+    epochs = 2 + len(fractions)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    common = ["--train-data", train_data, "--model", args.model, "--batch-size", args.batch_size, "--device",
+              args.device, "--precision", args.precision, "--workers", args.workers, "--epochs", epochs,
+              "--lr", 1e-3, "--warmup", 10, "--logs", out / "logs", "--save-frequency", 0]
+    steps = [fractions[i + 1] - fractions[i] for i in range(len(fractions) - 1)] or [0.0]
+    safe_flags = ["--safeclip", "--safeclip-inmodal-epochs", 1, "--safeclip-crossmodal-epochs", 1,
+                  "--safeclip-split", "topk", "--safeclip-safe-fraction-start", fractions[0],
+                  "--safeclip-safe-fraction-step", steps[0], "--safeclip-safe-fraction-max", fractions[-1]]
+    if any(abs(s - steps[0]) > 1e-9 for s in steps):
+        raise BenchError("--fractions must be evenly spaced (SafeCLIP grows the fraction by a fixed step)")
+    print(f"timing {epochs} plain open_clip epochs ({args.model}, batch {args.batch_size}, {args.device})", flush=True)
+    plain = run_timed(common + ["--name", f"open_clip-{stamp}"], out / "plain.json", out / "plain.log")
+    print(f"timing {epochs} SafeCLIP epochs (safe fractions {fractions})", flush=True)
+    safe = run_timed(common + ["--name", f"safeclip-{stamp}"] + safe_flags, out / "safeclip.json", out / "safeclip.log")
+    rows, whole = summarize(plain, safe, fractions)
+    table = markdown(rows, whole, epochs, hardware_name(args.device))
+    (out / "bench.md").write_text(table + "\n")
+    (out / "bench.json").write_text(json.dumps({"args": {k: v for k, v in vars(args).items()}, "rows": rows,
+                                                 "whole_run": whole}, indent=2))
+    print(table)
+    return rows, whole
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        run_bench(args)
+    except BenchError as error:
+        fail("bench", error)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

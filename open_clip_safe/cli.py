@@ -1,0 +1,20 @@
+"""What the `python -m open_clip_safe.<tool>` commands share: a one-line error and exit status 2."""
+import argparse
+import sys
+
+
+def fail(tool, message):
+    print(f"open_clip_safe.{tool}: error: {' '.join(str(message).split())}", file=sys.stderr)
+    sys.exit(2)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line (no usage block) with exit status 2."""
+
+    def __init__(self, tool, description):
+        super().__init__(prog=f"python -m open_clip_safe.{tool}", description=description,
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        self.tool = tool
+
+    def error(self, message):
+        fail(self.tool, message)

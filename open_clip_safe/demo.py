@@ -1,0 +1,257 @@
+"""`python -m open_clip_safe.demo`: the defense end to end on the built-in world.
+
+Generates the world, poisons its training set with a BadNets backdoor and, on top of that, a
+targeted poisoning attack (both with `open_clip_safe.attacks`), trains plain CLIP (open_clip's own
+loop) and SafeCLIP on the same poisoned data with the same model, epochs and batch size, evaluates
+both (`open_clip_safe.evaluate`) and writes one comparison table with the split diagnostics.
+"""
+import json
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from open_clip_safe.cli import Parser, fail
+
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Everything the demo's result depends on besides the seed."""
+
+    num_train: int = 4000
+    num_test: int = 1000
+    model: str = "safeclip-tiny"
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    warmup: int = 50
+    workers: int = 2
+    poison_rate: float = 0.05
+    target: str = "banana"
+    patch_size: int = 42  # at 224 px: 6 px at 32 px
+    patch_location: str = "bottom-right"
+    num_targets: int = 8
+    captions_per_target: int = 10
+    inmodal_epochs: int = 1
+    crossmodal_epochs: int = 2
+    filter_lr: float = 5e-4
+    safe_fraction_step: float = 0.1
+
+
+QUICK = DemoConfig(num_train=512, num_test=128, epochs=3, batch_size=64, warmup=10, poison_rate=0.04,
+                   num_targets=2, captions_per_target=4, inmodal_epochs=1, crossmodal_epochs=1)
+
+
+def step(number, text):
+    print(f"\n[{number}/6] {text}", flush=True)
+
+
+def clean_out(out, overwrite):
+    """Refuse to mix a new demo into an old one's folder unless asked to replace it."""
+    if out.exists() and not out.is_dir():
+        raise DemoError(f"--out {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise DemoError(f"--out {out} is not empty; pass --overwrite to replace its demo output")
+        for name in ("world", "poisoned", "logs", "report"):
+            shutil.rmtree(out / name, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+class DemoError(RuntimeError):
+    """A stage failed or the input was bad; reported as one line, exit 2."""
+
+
+def run_attack(argv):
+    from open_clip_safe.attacks.__main__ import main as attacks_main
+
+    try:
+        status = attacks_main([str(a) for a in argv])
+    except SystemExit as stop:
+        status = stop.code
+    if status:
+        raise DemoError(f"the attack tool failed (exit {status}): python -m open_clip_safe.attacks "
+                        + " ".join(map(str, argv)))
+
+
+def poison(world_card, out, config, seed, quiet):
+    """BadNets on the clean training set, then targeted poisoning on top: one training set, two cards."""
+    from open_clip_safe.attacks import load_attack_card
+
+    backdoor, both = out / "poisoned" / "backdoor", out / "poisoned" / "backdoor+targeted"
+    common = ["--seed", seed] + (["--quiet"] if quiet else [])
+    run_attack(["--train-data", world_card["splits"]["train"]["shards"], "--out", backdoor, "--attack", "badnets",
+                "--poison-rate", config.poison_rate, "--target-label", config.target, "--patch-size", config.patch_size,
+                "--patch-location", config.patch_location, *common])
+    run_attack(["--train-data", load_attack_card(backdoor)["train_data"], "--out", both,
+                "--attack", "targeted", "--target-images", world_card["splits"]["test"]["shards"],
+                "--classnames", Path(world_card["dir"]) / "classnames.txt", "--num-targets", config.num_targets,
+                "--captions-per-target", config.captions_per_target, *common])
+    return backdoor, both
+
+
+def training_command(config, train_data, logs, name, seed, safeclip):
+    command = [sys.executable, "-m", "open_clip_safe.main", "--train-data", train_data, "--model", config.model,
+               "--device", "cpu", "--precision", "fp32", "--batch-size", config.batch_size, "--epochs", config.epochs,
+               "--workers", config.workers, "--lr", config.lr, "--warmup", config.warmup, "--wd", 0.1,
+               "--seed", seed, "--logs", logs, "--name", name, "--save-frequency", config.epochs, "--log-every-n-steps",
+               10_000]
+    if safeclip:
+        command += ["--safeclip", "--safeclip-inmodal-epochs", config.inmodal_epochs, "--safeclip-crossmodal-epochs",
+                    config.crossmodal_epochs, "--safeclip-filter-lr", config.filter_lr,
+                    "--safeclip-safe-fraction-step", config.safe_fraction_step]
+    return [str(part) for part in command]
+
+
+PROGRESS_MARKS = ("Start epoch", "Train Epoch", "SafeCLIP epoch", "error", "Error")
+
+
+def train(command, console_log, quiet):
+    """Run one training job in its own process; echo its epoch-level progress; return wall seconds."""
+    start = time.time()
+    with open(console_log, "w") as log, subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                                         text=True, bufsize=1) as child:
+        last = ""
+        for line in child.stdout:
+            log.write(line)
+            text = line.rstrip().split("\r")[-1]
+            if text:
+                last = text
+            if not quiet and any(mark in text for mark in PROGRESS_MARKS) and "Dynamo" not in text:
+                print("   " + text.split(" | INFO | ")[-1][:150], flush=True)
+    if child.returncode != 0:
+        raise DemoError(f"training failed (exit {child.returncode}; full output in {console_log}): {last[:300]}")
+    return time.time() - start
+
+
+def evaluate(config, checkpoint, world_dir, cards, quiet):
+    import open_clip
+    import torch
+
+    from open_clip_safe.attacks import load_attack_card
+    from open_clip_safe.evaluate import evaluate_model, world_test_set
+
+    torch.manual_seed(0)
+    model, _, preprocess = open_clip.create_model_and_transforms(config.model, pretrained=str(checkpoint))
+    test_set = world_test_set(world_dir)
+    return evaluate_model(model, preprocess, open_clip.get_tokenizer(config.model), test_set, test_set.classnames,
+                          test_set.templates, [load_attack_card(card) for card in cards], progress=not quiet)
+
+
+def percent(value):
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def markdown_table(rows):
+    header = ("method", "zero-shot top-1", "backdoor ASR", "targeted ASR", "poisoned in safe set", "wall time")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        lines.append("| " + " | ".join((row["method"], percent(row["top1"]), percent(row["backdoor_asr"]),
+                                        f"{percent(row['targeted_asr'])} ({row['targeted_hits']}/{row['num_targets']})",
+                                        row["poisoned_in_safe_text"], f"{row['wall_seconds'] / 60:.1f} min")) + " |")
+    return "\n".join(lines)
+
+
+def summary_row(method, result, wall, poisoned_total, diagnostics=None):
+    targeted = result["targeted"]
+    row = {"method": method, "top1": result["top1"], "top5": result["top5"], "backdoor_asr": result["backdoor"]["asr"],
+           "targeted_asr": targeted["asr"], "targeted_hits": sum(t["success"] for t in targeted["targets"]),
+           "num_targets": targeted["num_targets"], "wall_seconds": wall, "poisoned_total": poisoned_total}
+    if diagnostics is None:
+        row["poisoned_in_safe_max"] = None
+        row["poisoned_in_safe_text"] = f"all {poisoned_total} (no split)"
+    else:
+        row["poisoned_in_safe_max"] = max(epoch["poisoned_in_safe"] for epoch in diagnostics)
+        row["poisoned_in_safe_text"] = (f"{row['poisoned_in_safe_max']} of {poisoned_total} "
+                                        f"(most in any of {len(diagnostics)} mixed epochs)")
+    return row
+
+
+def run_demo(out, config, seed, quiet=False):
+    from open_clip_safe import diagnostics
+    from open_clip_safe.world import generate_world
+
+    started = time.time()
+    step(1, f"generating the world: {config.num_train} training and {config.num_test} test images")
+    world_card = generate_world(out / "world", config.num_train, config.num_test, seed=seed,
+                                shard_size=max(1, config.num_train // 8), formats=("wds",), progress=not quiet)
+    world_card["dir"] = str(out / "world")
+
+    step(2, f"poisoning: BadNets ({config.patch_location} noise patch) on {config.poison_rate:.1%} of the images -> "
+            f"'{config.target}', then {config.num_targets} "
+            f"targeted images x {config.captions_per_target} captions")
+    backdoor, both = poison(world_card, out, config, seed, quiet)
+    from open_clip_safe.attacks import load_attack_card
+
+    cards = [load_attack_card(folder) for folder in (backdoor, both)]
+    poisoned_total = sum(card["num_poisoned"] for card in cards)
+    train_data = cards[1]["train_data"]
+
+    logs = out / "logs"
+    logs.mkdir(exist_ok=True)
+    walls, checkpoints = {}, {}
+    for number, name, safeclip in ((3, "clip", False), (4, "safeclip", True)):
+        step(number, f"training {'SafeCLIP' if safeclip else 'plain CLIP (open_clip loop)'}: {config.model}, "
+                     f"{config.epochs} epochs, batch {config.batch_size}")
+        command = training_command(config, train_data, logs, name, seed, safeclip)
+        walls[name] = train(command, logs / f"{name}.console.log", quiet)
+        checkpoints[name] = logs / name / "checkpoints" / f"epoch_{config.epochs}.pt"
+        print(f"   done in {walls[name] / 60:.1f} min", flush=True)
+
+    step(5, "evaluating both on the clean and triggered test split")
+    results = {name: evaluate(config, checkpoints[name], out / "world", [backdoor, both], quiet)
+               for name in ("clip", "safeclip")}
+
+    step(6, "split diagnostics and report")
+    report = out / "report"
+    split_rows, arrays = diagnostics.split_diagnostics(logs / "safeclip")
+    plots = diagnostics.plot_diagnostics(split_rows, arrays, report / "plots")
+    rows = [summary_row("CLIP", results["clip"], walls["clip"], poisoned_total),
+            summary_row("SafeCLIP", results["safeclip"], walls["safeclip"], poisoned_total, split_rows)]
+    table = markdown_table(rows)
+    summary = {"seed": seed, "config": asdict(config), "rows": rows, "evaluation": results,
+               "split_diagnostics": split_rows, "plots": plots, "attack_cards": [str(backdoor), str(both)],
+               "total_seconds": time.time() - started}
+    (report / "results.json").write_text(json.dumps(summary, indent=2))
+    (report / "results.md").write_text(f"{table}\n\nSplit diagnostics (SafeCLIP):\n\n```\n"
+                                       f"{diagnostics.diagnostics_table(split_rows)}\n```\n")
+    print("\n" + table)
+    print("\nSafeCLIP split per mixed epoch:\n" + diagnostics.diagnostics_table(split_rows))
+    print(f"\nreport: {report}  (total {summary['total_seconds'] / 60:.1f} min)")
+    return summary
+
+
+def parse_args(argv):
+    parser = Parser("demo", __doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="demo_out", help="Folder for the world, poisoned data, logs and report.")
+    parser.add_argument("--quick", action="store_true", help="A small smoke run (minutes); its figures mean nothing.")
+    parser.add_argument("--seed", type=int, default=0, help="Seeds the world, the attacks and both training runs.")
+    parser.add_argument("--epochs", type=int, help="Training epochs of both runs (default: 10, --quick 3).")
+    parser.add_argument("--overwrite", action="store_true", help="Replace an earlier demo's output in --out.")
+    parser.add_argument("--quiet", action="store_true", help="Only stage headers and the final table.")
+    args = parser.parse_args(argv)
+    config = QUICK if args.quick else DemoConfig()
+    if args.epochs is not None:
+        if args.epochs < config.inmodal_epochs + config.crossmodal_epochs + 1:
+            parser.error(f"--epochs must leave at least one mixed SafeCLIP epoch after "
+                         f"{config.inmodal_epochs + config.crossmodal_epochs} warm-up epochs")
+        config = replace(config, epochs=args.epochs)
+    return args, config
+
+
+def main(argv=None):
+    args, config = parse_args(sys.argv[1:] if argv is None else argv)
+    out = Path(args.out).resolve()
+    try:
+        clean_out(out, args.overwrite)
+        run_demo(out, config, args.seed, args.quiet)
+    except DemoError as error:
+        fail("demo", error)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

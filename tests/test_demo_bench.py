@@ -1,0 +1,66 @@
+"""The demo's quick smoke run end to end, and the benchmark on a tiny world; both through their CLIs."""
+import json
+
+import pytest
+
+from conftest import run_module
+
+
+def test_demo_quick_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    done = run_module("open_clip_safe.demo", "--quick", "--out", out, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for stage in range(1, 7):
+        assert f"[{stage}/6]" in done.stdout
+    assert "| CLIP |" in done.stdout and "| SafeCLIP |" in done.stdout
+    summary = json.loads((out / "report" / "results.json").read_text())
+    clip, safe = summary["rows"]
+    cards = [json.loads((out / "poisoned" / name / "attack.json").read_text())
+             for name in ("backdoor", "backdoor+targeted")]
+    assert cards[0]["kind"] == "backdoor" and cards[1]["kind"] == "targeted"
+    assert clip["poisoned_total"] == cards[0]["num_poisoned"] + cards[1]["num_poisoned"] > 0
+    for row in (clip, safe):
+        assert 0 <= row["top1"] <= 1 and 0 <= row["backdoor_asr"] <= 1 and row["wall_seconds"] > 0
+        assert row["num_targets"] == cards[1]["num_poisoned"] // 4
+    assert clip["poisoned_in_safe_max"] is None
+    # the SafeCLIP run's similarity log saw every poisoned training sample, flagged from the shards' json
+    diagnostics = summary["split_diagnostics"]
+    assert len(diagnostics) == 1 and diagnostics[0]["poisoned"] == clip["poisoned_total"]
+    assert safe["poisoned_in_safe_max"] == diagnostics[0]["poisoned_in_safe"]
+    assert (out / "report" / "results.md").read_text().startswith("| method |")
+    assert (out / "report" / "plots" / "safe_fraction.png").is_file()
+    for name in ("clip", "safeclip"):
+        assert (out / "logs" / name / "checkpoints" / "epoch_3.pt").is_file()
+    again = run_module("open_clip_safe.demo", "--quick", "--out", out)
+    assert again.returncode == 2 and "--overwrite" in again.stderr
+    assert (out / "report" / "results.json").is_file(), "a refused rerun deletes nothing"
+
+
+def test_bench_times_every_phase(tmp_path):
+    out = tmp_path / "bench"
+    done = run_module("open_clip_safe.bench", "--out", out, "--num-train", 256, "--batch-size", 32, "--model",
+                      "safeclip-micro", "--workers", 1, "--fractions", "0.25,0.75", timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads((out / "bench.json").read_text())
+    phases = [row["phase"] for row in report["rows"]]
+    assert phases[:4] == ["open_clip epoch", "SafeCLIP unimodal warm-up epoch", "SafeCLIP cross-modal epoch",
+                          "similarity pass"]
+    assert [p for p in phases if p.startswith("SafeCLIP mixed")] == [
+        "SafeCLIP mixed epoch, safe 25% (pass included)", "SafeCLIP mixed epoch, safe 75% (pass included)"]
+    for row in report["rows"]:
+        assert row["seconds"] > 0 and row["samples_per_s"] > 0 and row["peak_memory_mib"] > 0
+    assert report["rows"][0]["samples"] == 256 and report["rows"][3]["samples"] == 256
+    assert report["whole_run"]["ratio"] == pytest.approx(
+        report["whole_run"]["safeclip_seconds"] / report["whole_run"]["open_clip_seconds"])
+    assert "| whole run, 4 epochs |" in (out / "bench.md").read_text()
+
+
+@pytest.mark.parametrize("module, args, message", [
+    ("open_clip_safe.demo", ["--epochs", "1", "--quick"], "--epochs must leave"),
+    ("open_clip_safe.bench", ["--fractions", "0.5,0.2"], "--fractions must be increasing"),
+    ("open_clip_safe.bench", ["--num-train", "10"], "--num-train must hold"),
+])
+def test_bad_input_exits_2(module, args, message, tmp_path):
+    done = run_module(module, *args, "--out", tmp_path / "x")
+    assert done.returncode == 2 and message in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
