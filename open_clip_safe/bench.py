@@ -9,12 +9,12 @@ SafeCLIP/open_clip ratio per phase and for the whole run, and peak memory.
 """
 import json
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from open_clip_safe.cli import Parser, fail
+from open_clip_safe.demo import DemoError
 
 
 
@@ -83,18 +83,13 @@ def timed_run(report_path, argv):
 
 
 def run_timed(argv, report_path, log_path):
+    """One timed training run in a fresh process, its epoch-level progress echoed as the demo does."""
+    from open_clip_safe.demo import train
+
     code = ("import sys; from open_clip_safe.bench import timed_run; "
             "sys.exit(timed_run(sys.argv[1], sys.argv[2:]))")
-    with open(log_path, "w") as log:
-        done = subprocess.run([sys.executable, "-c", code, str(report_path), *map(str, argv)], stdout=log,
-                              stderr=subprocess.STDOUT)
-    if done.returncode != 0:
-        raise BenchError(f"a timed run failed (exit {done.returncode}); see {log_path}")
+    train([sys.executable, "-c", code, str(report_path), *map(str, argv)], log_path, quiet=False)
     return json.loads(Path(report_path).read_text())
-
-
-class BenchError(RuntimeError):
-    pass
 
 
 def summarize(plain, safe, fractions):
@@ -162,6 +157,9 @@ def parse_args(argv):
         parser.error(f"--fractions {args.fractions}: expected comma-separated numbers")
     if any(not 0 < f <= 1 for f in args.fractions) or args.fractions != sorted(args.fractions):
         parser.error("--fractions must be increasing, each in (0, 1]")
+    steps = [b - a for a, b in zip(args.fractions, args.fractions[1:])]
+    if any(abs(step - steps[0]) > 1e-9 for step in steps):
+        parser.error("--fractions must be evenly spaced (SafeCLIP grows the safe fraction by a fixed step)")
     if args.num_train < 4 * args.batch_size:
         parser.error("--num-train must hold at least 4 batches")
     return args
@@ -188,8 +186,6 @@ def run_bench(args):
     safe_flags = ["--safeclip", "--safeclip-inmodal-epochs", 1, "--safeclip-crossmodal-epochs", 1,
                   "--safeclip-split", "topk", "--safeclip-safe-fraction-start", fractions[0],
                   "--safeclip-safe-fraction-step", steps[0], "--safeclip-safe-fraction-max", fractions[-1]]
-    if any(abs(s - steps[0]) > 1e-9 for s in steps):
-        raise BenchError("--fractions must be evenly spaced (SafeCLIP grows the fraction by a fixed step)")
     print(f"timing {epochs} plain open_clip epochs ({args.model}, batch {args.batch_size}, {args.device})", flush=True)
     plain = run_timed(common + ["--name", f"open_clip-{stamp}"], out / "plain.json", out / "plain.log")
     print(f"timing {epochs} SafeCLIP epochs (safe fractions {fractions})", flush=True)
@@ -207,7 +203,7 @@ def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         run_bench(args)
-    except BenchError as error:
+    except DemoError as error:
         fail("bench", error)
     return 0
 

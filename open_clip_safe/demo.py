@@ -62,7 +62,7 @@ def clean_out(out, overwrite):
 
 
 class DemoError(RuntimeError):
-    """A stage failed or the input was bad; reported as one line, exit 2."""
+    """A stage failed or the input was bad (here or in the benchmark); reported as one line, exit 2."""
 
 
 def run_attack(argv):

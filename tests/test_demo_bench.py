@@ -59,6 +59,7 @@ def test_bench_times_every_phase(tmp_path):
     ("open_clip_safe.demo", ["--epochs", "1", "--quick"], "--epochs must leave"),
     ("open_clip_safe.bench", ["--fractions", "0.5,0.2"], "--fractions must be increasing"),
     ("open_clip_safe.bench", ["--num-train", "10"], "--num-train must hold"),
+    ("open_clip_safe.bench", ["--fractions", "0.1,0.2,0.9"], "evenly spaced"),
 ])
 def test_bad_input_exits_2(module, args, message, tmp_path):
     done = run_module(module, *args, "--out", tmp_path / "x")

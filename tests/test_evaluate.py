@@ -177,6 +177,38 @@ def test_cli_matches_hand_computation_on_a_real_checkpoint(world, tmp_path):
     assert result["top5"] == pytest.approx(float((ranked[:, :5] == labels[:, None]).any(1).float().mean()))
 
 
+def test_every_test_set_form_gives_the_same_answer(world, tmp_path):
+    """The world's test split as webdataset shards, as a CSV and as a class-folder tree: same images, same top-1."""
+    import shutil
+
+    import pandas as pd
+    torch.manual_seed(1)
+    model = open_clip.create_model("safeclip-micro")
+    torch.save({"state_dict": model.state_dict()}, tmp_path / "m.pt")
+    table = pd.read_csv(world["splits"]["test"]["csv"], sep="\t")
+    for path, label in zip(table["filepath"], table["label"]):
+        folder = tmp_path / "folder" / f"{label:02d}_{CLASSES[label]}"
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, folder)
+    for label in range(len(CLASSES)):  # classes without test images still need their folder for the order
+        (tmp_path / "folder" / f"{label:02d}_{CLASSES[label]}").mkdir(parents=True, exist_ok=True)
+    classnames = tmp_path / "classes.txt"
+    classnames.write_text("\n".join(CLASSES) + "\n")
+    templates = tmp_path / "templates.txt"
+    templates.write_text("\n".join(ZERO_SHOT_TEMPLATES) + "\n")
+    results = []
+    for data in (world["splits"]["test"]["shards"], world["splits"]["test"]["csv"], tmp_path / "folder"):
+        out = tmp_path / f"r{len(results)}.json"
+        done = run_module("open_clip_safe.evaluate", "--model", "safeclip-micro", "--checkpoint", tmp_path / "m.pt",
+                          "--test-data", data, "--classnames", classnames, "--templates", templates, "--output",
+                          out, "--quiet", "--workers", 1)
+        assert done.returncode == 0, done.stderr
+        results.append(json.loads(out.read_text()))
+    assert [r["num_test"] for r in results] == [64, 64, 64]
+    assert results[0]["top1"] == results[1]["top1"] == results[2]["top1"]
+    assert results[0]["top5"] == results[1]["top5"] == results[2]["top5"]
+
+
 def write_epoch(folder, epoch, similarity, safe, poisoned=None):
     columns = {"key": [f"k{i}" for i in range(len(similarity))], "similarity": np.asarray(similarity, np.float32),
                "clean_prob": np.asarray(similarity, np.float32), "safe": np.asarray(safe, bool),
