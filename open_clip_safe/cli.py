@@ -1,6 +1,7 @@
 """What the `python -m open_clip_safe.<tool>` commands share: a one-line error and exit status 2."""
 import argparse
 import sys
+from pathlib import Path
 
 
 def fail(tool, message):
@@ -18,3 +19,13 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message):
         fail(self.tool, message)
+
+
+def out_dir_problem(out, overwrite):
+    """Why `--out` may not be written, or None: a file, or a non-empty folder without --overwrite."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        return f"--out {out} exists and is not a folder"
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        return f"--out {out} is not empty; pass --overwrite to write into it"
+    return None

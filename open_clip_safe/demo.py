@@ -13,7 +13,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from open_clip_safe.cli import Parser, fail
+from open_clip_safe.cli import Parser, fail, out_dir_problem
 
 
 
@@ -51,11 +51,10 @@ def step(number, text):
 
 def clean_out(out, overwrite):
     """Refuse to mix a new demo into an old one's folder unless asked to replace it."""
-    if out.exists() and not out.is_dir():
-        raise DemoError(f"--out {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise DemoError(f"--out {out} is not empty; pass --overwrite to replace its demo output")
+    problem = out_dir_problem(out, overwrite)
+    if problem:
+        raise DemoError(problem)
+    if out.is_dir():
         for name in ("world", "poisoned", "logs", "report"):
             shutil.rmtree(out / name, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)

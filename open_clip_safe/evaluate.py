@@ -16,11 +16,12 @@ import pandas as pd
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
+from torchvision.datasets import ImageFolder
 from tqdm import tqdm
 
+from open_clip_safe.attacks import apply_trigger, load_attack_card, target_samples
 from open_clip_safe.cli import Parser, fail
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
 class EvaluationError(ValueError):
@@ -58,15 +59,14 @@ class FileSamples(Dataset):
 
 
 def folder_test_set(root):
-    """An ImageNet-style folder: one sub-folder per class, classes in sorted order (torchvision's rule)."""
-    classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
-    rows = []
-    for label, name in enumerate(classes):
-        for path in sorted(Path(root, name).rglob("*")):
-            if path.suffix.lower() in IMAGE_EXTENSIONS:
-                rows.append((f"{name}/{path.stem}", str(path), label))
-    if not rows:
+    """An ImageNet-style folder, read by torchvision's ImageFolder rules (classes in sorted order)."""
+    try:
+        folder = ImageFolder(root, allow_empty=True)
+    except (FileNotFoundError, OSError) as error:
+        raise EvaluationError(f"--test-data {root}: {error}") from error
+    if not folder.samples:
         raise EvaluationError(f"--test-data {root}: no class sub-folders with images")
+    rows = [(os.path.splitext(os.path.relpath(path, root))[0], path, label) for path, label in folder.samples]
     return TestSet(FileSamples(rows), str(root))
 
 
@@ -164,7 +164,6 @@ class Prepared:
         key, image, label = sample
         triggered = torch.empty(0)
         if self.card is not None:
-            from open_clip_safe.attacks import apply_trigger
             triggered = self.preprocess(apply_trigger(self.card, image, key))
         return self.preprocess(image), triggered, int(label)
 
@@ -181,7 +180,7 @@ class PreparedFiles(Dataset):
 
 
 def test_loader(test_set, prepare, batch_size, workers):
-    if isinstance(test_set.source, Dataset) and hasattr(test_set.source, "__len__"):
+    if isinstance(test_set.source, FileSamples):
         dataset = PreparedFiles(test_set.source, prepare)
     else:
         import webdataset as wds
@@ -269,8 +268,6 @@ def evaluate_model(model, preprocess, tokenizer, test_set, classnames, templates
 
 def targeted_success(zero_shot, preprocess, card, classnames):
     """Each target image's top-1 against its adversarial class."""
-    from open_clip_safe.attacks import target_samples
-
     targets = target_samples(card)
     if not targets:
         raise EvaluationError("the attack card lists no target images")
@@ -373,8 +370,6 @@ def load_model(args):
 def run(args):
     result = {}
     if args.model is not None:
-        from open_clip_safe.attacks import load_attack_card
-
         cards = [load_attack_card(path) for path in args.attack_card]
         test_set = load_test_set(args)
         classnames, templates = class_names_and_templates(args, test_set)

@@ -20,6 +20,8 @@ import webdataset as wds
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from open_clip_safe.cli import out_dir_problem
+
 CLASSES = (
     "banana", "umbrella", "mushroom", "candle", "pizza", "balloon", "pillow", "necklace", "desk",
     "palace", "television", "baseball", "mountain", "beach", "plate", "orange", "suit", "chair",
@@ -250,11 +252,9 @@ def parse_args(argv):
         parser.error(f"--image-size must be at least 16, got {args.image_size}")
     if args.shard_size < 1:
         parser.error("--shard-size must be at least 1")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        parser.error(f"--out {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
-        parser.error(f"--out {out} is not empty; pass --overwrite to write into it")
+    problem = out_dir_problem(args.out, args.overwrite)
+    if problem:
+        parser.error(problem)
     return args
 
 

@@ -10,6 +10,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from ..cli import out_dir_problem
 from .build import ATTACKS, BACKDOORS, build
 from .formats import AttackError
 from .triggers import PATCH_KINDS, PATCH_LOCATIONS, TRIGGERS
@@ -120,11 +121,9 @@ def parse_args(argv):
     for failed, message in checks:
         if failed:
             parser.error(message)
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        parser.error(f"--out {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
-        parser.error(f"--out {out} is not empty; pass --overwrite to write into it")
+    problem = out_dir_problem(args.out, args.overwrite)
+    if problem:
+        parser.error(problem)
     return args
 
 

@@ -366,7 +366,7 @@ class CsvData:
                     row[self.columns[self.img_key]] = str(path)
                 if edit is not None and edit.caption is not None:
                     row[self.columns[self.caption_key]] = edit.caption
-                before = edit is None and row[flag].strip() in ("1", "1.0", "True", "true")
+                before = edit is None and sample.poisoned_before
                 row[flag] = "1" if edit is not None or before else "0"
                 writer.writerow(row)
                 if edit is not None or before:
