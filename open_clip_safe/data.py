@@ -9,6 +9,7 @@ import hashlib
 import math
 import random
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import pandas as pd
@@ -139,6 +140,20 @@ def decoded(select=None):
     return stages + [wds.decode("pilrgb", handler=log_and_continue), wds.map(record)]
 
 
+def pass_after_pass(samples):
+    """`samples` over and over, so that a batch may span two passes: a subset thinner than a batch in
+    one worker's shards (a small first safe set) still fills its batches instead of looping forever."""
+    while True:
+        empty = True
+        for sample in samples:
+            empty = False
+            yield sample
+        if empty:
+            rank, _, worker, _ = wds.utils.pytorch_worker_info()
+            raise RuntimeError(f"data-loader worker {worker} of rank {rank} found no sample of this subset in its "
+                               f"shards; use fewer --workers, or more and smaller shards")
+
+
 def wds_train_loader(args, views, shared_epoch, num_samples, select=None):
     """Full batches of (id, v1, v2, t1, t2), the same number on every worker of every rank."""
     global_batch = args.batch_size * args.world_size
@@ -151,11 +166,10 @@ def wds_train_loader(args, views, shared_epoch, num_samples, select=None):
                   detshuffle2(bufsize=_SHARD_SHUFFLE_SIZE, initial=_SHARD_SHUFFLE_INITIAL, seed=args.seed,
                               epoch=shared_epoch),
                   wds.split_by_node, wds.split_by_worker]
-    pipeline = wds.DataPipeline(
-        *shards, tarfile_to_samples_nothrow, *decoded(select), SeededShuffle(args.seed, shared_epoch),
-        wds.map(views.train_tuple),
-        wds.batched(args.batch_size, partial=False),
-    ).repeat().with_epoch(worker_batches)  # repeat: a subset thin in some shards still fills its batches
+    samples = wds.DataPipeline(*shards, tarfile_to_samples_nothrow, *decoded(select),
+                               SeededShuffle(args.seed, shared_epoch), wds.map(views.train_tuple))
+    pipeline = wds.DataPipeline(partial(pass_after_pass, samples), wds.batched(args.batch_size, partial=False)
+                                ).with_epoch(worker_batches)
     loader = wds.WebLoader(pipeline, batch_size=None, shuffle=False, num_workers=args.workers,
                            persistent_workers=False)
     loader.num_batches = worker_batches * workers

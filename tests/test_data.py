@@ -1,0 +1,47 @@
+"""Safe / risky subset streams: full batches of the wanted samples only, however thin the subset."""
+import numpy as np
+import open_clip
+import pytest
+
+import open_clip_safe  # noqa: F401
+from open_clip_safe.data import SplitLookup, get_safeclip_data, sample_id
+from open_clip_safe.params import parse_args
+from open_clip_safe.world import generate_world
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """250 samples in shards of 64, 64, 64, 58."""
+    return generate_world(tmp_path_factory.mktemp("subsets"), num_train=250, num_test=4, seed=5, shard_size=64,
+                          progress=False)
+
+
+def subset_stream(world, tmp_path, wanted_keys, batch_size=16, workers=2):
+    args = parse_args(["--train-data", world["splits"]["train"]["shards"], "--model", "safeclip-micro",
+                       "--device", "cpu", "--batch-size", str(batch_size), "--workers", str(workers),
+                       "--logs", str(tmp_path), "--name", "run", "--safeclip", "--epochs", "9"])
+    args.rank, args.world_size, args.distributed = 0, 1, False
+    _, preprocess, _ = open_clip.create_model_and_transforms("safeclip-micro")
+    data = get_safeclip_data(args, preprocess, None, open_clip.get_tokenizer("safeclip-micro"))
+    keys = [f"train_{i:07d}" for i in range(250)]
+    ids = np.array([sample_id(key) for key in keys])
+    lookup = SplitLookup(ids, np.array([key in wanted_keys for key in keys]))
+    return data.train_loader(1, lookup, want_safe=True), {sample_id(key) for key in wanted_keys}
+
+
+def test_a_subset_thinner_than_a_batch_per_worker_still_fills_its_batches(world, tmp_path):
+    """20 safe samples, two workers, batches of 16: each worker sees about 10 per pass of its shards."""
+    wanted = {f"train_{i:07d}" for i in range(5, 250, 12)}
+    loader, wanted_ids = subset_stream(world, tmp_path, wanted)
+    batches = list(loader)
+    assert loader.num_batches == len(batches) == 2
+    for ids, image_v1, image_v2, text_v1, text_v2 in batches:
+        assert len(ids) == 16 and set(ids.tolist()) <= wanted_ids
+        assert image_v1.shape == image_v2.shape == (16, 3, 32, 32) and text_v1.shape == text_v2.shape
+
+
+def test_a_worker_whose_shards_hold_none_of_the_subset_says_so(world, tmp_path):
+    wanted = {f"train_{i:07d}" for i in range(0, 8)}  # all in the first shard; the other worker has none
+    loader, _ = subset_stream(world, tmp_path, wanted, batch_size=4)
+    with pytest.raises(RuntimeError, match="found no sample of this subset in its shards; use fewer --workers"):
+        list(loader)
