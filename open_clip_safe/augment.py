@@ -23,11 +23,18 @@ def blur_kernel_size(image_size):
     return max(3, (int(0.1 * image_size) - 1) // 2 * 2 + 1)
 
 
-def safeclip_image_augment(image_size, mean, std):
-    """One augmented view, as the authors' SafeCLIP: SimCLR-style crop, flip, jitter, grey, blur."""
+AUTHORS_CROP_SCALE = 0.08  # torchvision's RandomResizedCrop default, as the authors use it
+
+
+def safeclip_image_augment(image_size, mean, std, crop_scale=AUTHORS_CROP_SCALE):
+    """One augmented view, as the authors' SafeCLIP: SimCLR-style crop, flip, jitter, grey, blur.
+
+    `crop_scale` is the smallest crop area: at 32 px an 8% crop (9 px) often misses the object its
+    caption names, so small-image runs may raise it (--safeclip-crop-scale).
+    """
     return transforms.Compose([
         _convert_to_rgb,
-        transforms.RandomResizedCrop(image_size),
+        transforms.RandomResizedCrop(image_size, scale=(crop_scale, 1.0)),
         transforms.RandomHorizontalFlip(),
         transforms.RandomApply([transforms.ColorJitter(0.5, 0.5, 0.5, 0.1)], p=0.8),
         transforms.RandomGrayscale(p=0.2),
@@ -37,13 +44,13 @@ def safeclip_image_augment(image_size, mean, std):
     ])
 
 
-def image_augment_like(preprocess):
+def image_augment_like(preprocess, crop_scale=AUTHORS_CROP_SCALE):
     """`safeclip_image_augment` with the image size and normalisation of an open_clip preprocess."""
     size = next(t.size for t in preprocess.transforms if isinstance(t, (transforms.RandomResizedCrop,
                                                                          transforms.Resize)))
     normalize = next(t for t in preprocess.transforms if isinstance(t, transforms.Normalize))
     size = size if isinstance(size, int) else size[0]
-    return safeclip_image_augment(size, normalize.mean, normalize.std)
+    return safeclip_image_augment(size, normalize.mean, normalize.std, crop_scale)
 
 
 # ---------------------------------------------------------------- WordNet

@@ -72,11 +72,12 @@ class TwoViews:
     time, without holding them in memory.
     """
 
-    def __init__(self, image_augment, caption_augment, tokenizer, seed):
+    def __init__(self, image_augment, caption_augment, tokenizer, seed, pass_image=None):
         self.image_augment = image_augment
         self.caption_augment = caption_augment
         self.tokenizer = tokenizer
         self.seed = seed
+        self.pass_image = pass_image  # None: the pass sees view 1; else this transform and the raw caption
 
     def caption(self, caption, key, view):
         if self.caption_augment is None:
@@ -94,11 +95,16 @@ class TwoViews:
         """(id, image v1, image v2, caption v1, caption v2) of a webdataset record."""
         return (sample_id(sample["key"]), *self(sample["image"], sample["text"], sample["key"]))
 
+    def pass_view(self, image, caption, key):
+        """What the similarity pass embeds: view 1 (the authors) or the plain image and caption."""
+        if self.pass_image is None:
+            return self.image_augment(image), self.tokens(caption, key, 1)
+        return self.pass_image(image), self.tokenizer([caption])[0]
+
     def pass_tuple(self, sample):
-        """(id, key, poisoned flag, image v1, caption v1) of a webdataset record."""
+        """(id, key, poisoned flag, image, caption) of a webdataset record, as the pass embeds them."""
         key = sample["key"]
-        return (sample_id(key), key, poisoned_flag(sample.get("meta")), self.image_augment(sample["image"]),
-                self.tokens(sample["text"], key, 1))
+        return (sample_id(key), key, poisoned_flag(sample.get("meta")), *self.pass_view(sample["image"], sample["text"], key))
 
 
 def poisoned_flag(meta):
@@ -224,8 +230,7 @@ class CsvRows(Dataset):
     def __getitem__(self, index):
         image, caption, key = self.samples.load(index)
         if self.pass_view:
-            return (index, key, int(self.samples.poisoned[index]), self.views.image_augment(image),
-                    self.views.tokens(caption, key, 1))
+            return (index, key, int(self.samples.poisoned[index]), *self.views.pass_view(image, caption, key))
         return (index, *self.views(image, caption, key))
 
 
@@ -307,8 +312,8 @@ class SafeclipData(DataInfo):
         return max(1, math.floor(count / global_batch / workers)) * workers
 
 
-def get_safeclip_data(args, image_augment, caption_augment, tokenizer, epoch=0):
-    views = TwoViews(image_augment, caption_augment, tokenizer, args.seed)
+def get_safeclip_data(args, image_augment, caption_augment, tokenizer, epoch=0, pass_image=None):
+    views = TwoViews(image_augment, caption_augment, tokenizer, args.seed, pass_image)
     kind = dataset_kind(args.train_data, args.dataset_type)
     data = SafeclipData(dataloader=None, shared_epoch=SharedEpoch(epoch), args=args, views=views, kind=kind)
     if kind == "csv":

@@ -162,6 +162,9 @@ def safeclip_parser():
                        help="Cross-modal warm-up epochs at --safeclip-filter-lr.")
     group.add_argument("--safeclip-filter-lr", type=float, default=5e-6,
                        help="Constant learning rate of the cross-modal warm-up; the warm-up cosine ends here.")
+    group.add_argument("--safeclip-crossmodal-warmup", type=int, default=0,
+                       help="Ramp the cross-modal warm-up's learning rate linearly from 0 to --safeclip-filter-lr "
+                            "over this many steps (the authors: 0, a constant rate; a high filter lr needs a ramp).")
     group.add_argument("--safeclip-inmodal-lr", type=float, default=None,
                        help="Learning rate of the unimodal loss (warm-up and risky sub-epochs); default --lr.")
     group.add_argument("--safeclip-memory-bank-size", type=int, default=0,
@@ -181,6 +184,11 @@ def safeclip_parser():
                        help="CLIP loss on (image view 1, caption view 1) instead of crosswise views.")
     group.add_argument("--safeclip-text-aug", choices=("eda", "none"), default="eda",
                        help="Caption augmentation: EDA with WordNet, or none (both views are the raw caption).")
+    group.add_argument("--safeclip-crop-scale", type=float, default=0.08,
+                       help="Smallest crop area of the image views' RandomResizedCrop (the authors: 0.08).")
+    group.add_argument("--safeclip-sim-views", choices=("augmented", "plain"), default="augmented",
+                       help="What the similarity pass embeds: view 1, augmented (the authors), or the image as "
+                            "open_clip's eval preprocess gives it with the raw caption (a deterministic score).")
     group.add_argument("--safeclip-sim-batch-size", type=int, default=None,
                        help="Batch size of the per-sample similarity pass; default 2 x --batch-size.")
     return parser
@@ -213,6 +221,9 @@ def check_safeclip_args(args, defaults):
                         ("--safeclip-inmodal-lr", args.safeclip_inmodal_lr)):
         if value is not None and value <= 0:
             raise UsageError(f"{flag} must be positive, got {value}")
+    check_fraction(args.safeclip_crop_scale, "--safeclip-crop-scale")
+    if args.safeclip_crossmodal_warmup < 0:
+        raise UsageError("--safeclip-crossmodal-warmup must be >= 0")
     if args.safeclip_memory_bank_size < 0:
         raise UsageError("--safeclip-memory-bank-size must be >= 0")
     if args.safeclip_update_freq < 1:

@@ -5,6 +5,7 @@ import os
 import torch
 from open_clip import create_loss as open_clip_create_loss
 from open_clip_train.data import get_data as open_clip_get_data
+from open_clip_train.distributed import is_master
 from open_clip_train.train import train_one_epoch as open_clip_train_one_epoch
 
 from open_clip_safe import augment, data as safeclip_data, train as safeclip_train
@@ -48,9 +49,13 @@ def get_data(args, preprocess_fns, epoch=0, tokenizer=None):
         data = open_clip_get_data(args, preprocess_fns, epoch=epoch, tokenizer=tokenizer)  # val / imagenet
     finally:
         args.train_data = train_data
-    image_augment = augment.image_augment_like(preprocess_fns[0])
+    image_augment = augment.image_augment_like(preprocess_fns[0], args.safeclip_crop_scale)
     caption_augment = augment.EdaAugmenter() if args.safeclip_text_aug == "eda" else None
-    train = safeclip_data.get_safeclip_data(args, image_augment, caption_augment, tokenizer, epoch)
+    if is_master(args):
+        logging.info(f"SafeCLIP image views: {image_augment}; caption views: {args.safeclip_text_aug}; "
+                     f"similarity pass on {args.safeclip_sim_views} views")
+    pass_image = preprocess_fns[1] if args.safeclip_sim_views == "plain" else None
+    train = safeclip_data.get_safeclip_data(args, image_augment, caption_augment, tokenizer, epoch, pass_image)
     train.run = SafeclipRun(args, train)
     if epoch > 0:
         load_run(args, train.run, epoch)

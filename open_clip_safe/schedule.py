@@ -94,7 +94,9 @@ class LrPlan:
 
     Warm-up epochs: open_clip's cosine_lr shifted up by filter_lr: `warmup` linear steps from
     filter_lr to inmodal_lr, then a cosine down to filter_lr at the end of the unimodal epochs;
-    then filter_lr for the cross-modal warm-up. Mixed epochs: one cosine (to 0) for
+    then filter_lr for the cross-modal warm-up, reached by a linear ramp from 0 over its first
+    `crossmodal_warmup` steps when that is not 0 (switching to the CLIP loss at a high filter_lr
+    collapsed the demo's model: every caption embedded alike, loss stuck at ln(batch)). Mixed epochs: one cosine (to 0) for
     all risky sub-epochs at inmodal_lr and one for all safe sub-epochs at cross_lr, each sized
     ahead by `mixed_steps` (steps of every mixed epoch's risky / safe sub-epoch, from the expected
     safe fraction); None until a gmm run's first split fixes f0.
@@ -108,6 +110,7 @@ class LrPlan:
     crossmodal_epochs: int
     steps_per_epoch: int
     mixed_steps: dict = None
+    crossmodal_warmup: int = 0
 
     def warmup_steps_before(self, epoch):
         return min(epoch, self.inmodal_epochs + self.crossmodal_epochs) * self.steps_per_epoch
@@ -116,7 +119,8 @@ class LrPlan:
         """Learning rate of the `step`-th step (0-based) counted from the start of training."""
         inmodal_steps = self.inmodal_epochs * self.steps_per_epoch
         if step >= inmodal_steps:
-            return self.filter_lr
+            ramp = self.crossmodal_warmup
+            return self.filter_lr * min(1.0, (step - inmodal_steps + 1) / ramp) if ramp else self.filter_lr
         return self.filter_lr + cosine(self.inmodal_lr - self.filter_lr, self.warmup, inmodal_steps, step)
 
     def sub_epoch_steps_before(self, epoch, part):
@@ -142,7 +146,8 @@ class LrPlan:
         warmup_epochs = self.inmodal_epochs + self.crossmodal_epochs
         lines = [f"warm-up: {self.inmodal_epochs} unimodal + {self.crossmodal_epochs} cross-modal epochs of "
                  f"{self.steps_per_epoch} steps; {self.warmup} linear warm-up steps to {self.inmodal_lr:g}, cosine "
-                 f"to {self.filter_lr:g} over {self.inmodal_epochs * self.steps_per_epoch} steps, then {self.filter_lr:g}"]
+                 f"to {self.filter_lr:g} over {self.inmodal_epochs * self.steps_per_epoch} steps, then {self.filter_lr:g}"
+                 + (f" after a {self.crossmodal_warmup}-step ramp from 0" if self.crossmodal_warmup else "")]
         if self.mixed_steps is None:
             lines.append("mixed epochs: sized at the first split")
         else:
@@ -157,12 +162,12 @@ class SafeclipSchedule:
     """Phases, split and learning-rate plan of one run, with a plain-dict state for exact resume."""
 
     def __init__(self, rule, inmodal_epochs, crossmodal_epochs, epochs, num_samples, steps_per_epoch, steps_for,
-                 inmodal_lr, cross_lr, filter_lr, warmup):
+                 inmodal_lr, cross_lr, filter_lr, warmup, crossmodal_warmup=0):
         self.rule, self.inmodal_epochs, self.crossmodal_epochs, self.epochs = rule, inmodal_epochs, crossmodal_epochs, epochs
         self.num_samples, self.steps_for = num_samples, steps_for
         self.lr_args = dict(inmodal_lr=inmodal_lr, cross_lr=cross_lr, filter_lr=filter_lr, warmup=warmup,
                             inmodal_epochs=inmodal_epochs, crossmodal_epochs=crossmodal_epochs,
-                            steps_per_epoch=steps_per_epoch)
+                            steps_per_epoch=steps_per_epoch, crossmodal_warmup=crossmodal_warmup)
         self.first_fraction = rule.fraction_start if rule.method == "topk" else None
         self.fraction = None
         self.last_split_epoch = None
@@ -175,7 +180,8 @@ class SafeclipSchedule:
                          args.safeclip_safe_fraction_step, args.safeclip_safe_fraction_max, args.safeclip_update_freq)
         return cls(rule, args.safeclip_inmodal_epochs, args.safeclip_crossmodal_epochs, args.epochs,
                    data.num_samples, data.dataloader.num_batches, data.subset_batches,
-                   args.safeclip_inmodal_lr or args.lr, args.lr, args.safeclip_filter_lr, args.warmup)
+                   args.safeclip_inmodal_lr or args.lr, args.lr, args.safeclip_filter_lr, args.warmup,
+                   args.safeclip_crossmodal_warmup)
 
     @property
     def warmup_epochs(self):

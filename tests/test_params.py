@@ -40,6 +40,8 @@ def test_help_shows_both_groups():
     (["--safeclip", "--epochs", "9", "--siglip"], "--safeclip does not support --siglip"),
     (["--safeclip", "--epochs", "9", "--safeclip-update-freq", "0"], "--safeclip-update-freq must be >= 1"),
     (["--safeclip", "--epochs", "9", "--safeclip-memory-bank-size", "-1"], "must be >= 0"),
+    (["--safeclip", "--epochs", "9", "--safeclip-crossmodal-warmup", "-5"], "--safeclip-crossmodal-warmup must be >= 0"),
+    (["--safeclip", "--epochs", "9", "--safeclip-crop-scale", "0"], "--safeclip-crop-scale must be in (0, 1], got 0.0"),
     (["--safeclip", "--epochs", "9", "--safeclip-split", "kmeans"], "invalid choice: 'kmeans'"),
 ])
 def test_invalid_safeclip_settings(world, capsys, flags, message):

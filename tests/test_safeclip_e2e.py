@@ -104,13 +104,17 @@ def test_resume_without_safeclip_state_is_refused(poisoned_world, tmp_path):
 
 
 def test_bf16_autocast_on_cpu_through_a_mixed_epoch(poisoned_world, tmp_path):
-    flags = safeclip_flags(poisoned_world["shards"], tmp_path, "bf16")
+    """Also the small-image options: a ramp into the cross-modal warm-up and a milder crop."""
+    flags = safeclip_flags(poisoned_world["shards"], tmp_path, "bf16",
+                           ["--safeclip-crossmodal-warmup", "3", "--safeclip-crop-scale", "0.5"])
     flags[flags.index("--precision") + 1] = "amp_bf16"
     flags[flags.index("--epochs") + 1] = "3"
     result = run_module("open_clip_safe.main", *flags, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     log = (tmp_path / "bf16" / "out.log").read_text()
     assert phases_logged(log) == {0: "inmodal", 1: "crossmodal", 2: "mixed"}
+    assert "RandomResizedCrop(size=(32, 32), scale=(0.5, 1.0)" in log
+    assert re.search(r"Train Epoch: 1 crossmodal \[1/\d+ .* LR: 0.000033 ", log)  # 1e-4 / 3: ramp step 1 of 3
     losses = [float(x) for x in re.findall(r"Loss: ([0-9.]+) ", log)]
     assert losses and all(0 < loss < 20 for loss in losses)
     assert (tmp_path / "bf16" / "similarity" / "epoch_002.parquet").exists()

@@ -145,6 +145,18 @@ def test_warmup_lr_plan_boundaries():
     assert plan.warmup_steps_before(2) == 20
 
 
+def test_crossmodal_warmup_ramps_from_zero_to_the_filter_lr():
+    plan = LrPlan(inmodal_lr=1e-3, cross_lr=5e-4, filter_lr=8e-4, warmup=4, inmodal_epochs=1, crossmodal_epochs=2,
+                  steps_per_epoch=10, crossmodal_warmup=4)
+    unramped = LrPlan(**{**vars(plan), "crossmodal_warmup": 0})
+    assert [plan.lr(0, "inmodal", step) for step in range(10)] == [unramped.lr(0, "inmodal", s) for s in range(10)]
+    assert [plan.lr(1, "crossmodal", step) for step in range(5)] == pytest.approx([2e-4, 4e-4, 6e-4, 8e-4, 8e-4])
+    assert all(plan.lr(2, "crossmodal", step) == 8e-4 for step in range(10))  # one ramp, not one per epoch
+    assert "then 0.0008 after a 4-step ramp from 0" in plan.summary()
+    no_unimodal = LrPlan(**{**vars(plan), "inmodal_epochs": 0})
+    assert no_unimodal.lr(0, "crossmodal", 1) == pytest.approx(4e-4)
+
+
 def test_mixed_lr_plan_is_sized_from_the_expected_fractions():
     schedule = make_schedule("topk", epochs=6)  # 3 mixed epochs: safe 150, 160, 170 of 1000
     plan = schedule.plan
@@ -173,8 +185,8 @@ def test_from_args_reads_the_flags():
     args = SimpleNamespace(safeclip_split="topk", safeclip_first_split_threshold=0.9, safeclip_safe_fraction_start=0.2,
                            safeclip_safe_fraction_step=0.01, safeclip_safe_fraction_max=0.85, safeclip_update_freq=1,
                            safeclip_inmodal_epochs=1, safeclip_crossmodal_epochs=1, epochs=3, safeclip_inmodal_lr=None,
-                           lr=5e-4, safeclip_filter_lr=5e-6, warmup=0)
+                           lr=5e-4, safeclip_filter_lr=5e-6, warmup=0, safeclip_crossmodal_warmup=3)
     data = SimpleNamespace(num_samples=1000, dataloader=SimpleNamespace(num_batches=7), subset_batches=full_batches(50))
     plan = SafeclipSchedule.from_args(args, data).plan
-    assert plan.inmodal_lr == plan.cross_lr == 5e-4 and plan.steps_per_epoch == 7
+    assert plan.inmodal_lr == plan.cross_lr == 5e-4 and plan.steps_per_epoch == 7 and plan.crossmodal_warmup == 3
     assert plan.mixed_steps == {"safe": [4], "risky": [16]}

@@ -96,3 +96,32 @@ def test_poisoned_column_from_sample_json(tmp_path):
     table = pq.read_table(tmp_path / "logs" / "run" / "similarity" / "epoch_006.parquet").to_pandas()
     assert table["poisoned"].sum() == 4
     assert set(table.loc[table["poisoned"], "key"]) == {"s000", "s010", "s020", "s030"}
+
+
+@pytest.mark.parametrize("kind", ["shards", "csv"])
+def test_plain_pass_views_score_each_image_with_its_own_caption(odd_world, tmp_path, kind):
+    """--safeclip-sim-views plain: eval preprocess + raw caption, whatever the training views do."""
+    from open_clip_safe.augment import image_augment_like
+    from open_clip_safe.world import draw_sample
+
+    extra = ["--dataset-type", "csv"] if kind == "csv" else []
+    args = pass_args(odd_world["splits"]["train"][kind], tmp_path, 0, 1, extra)
+    torch.manual_seed(0)
+    model, train_preprocess, eval_preprocess = open_clip.create_model_and_transforms("safeclip-micro")
+    tokenizer = open_clip.get_tokenizer("safeclip-micro")
+    views = image_augment_like(train_preprocess), lambda caption, rng: "a caption that names nothing"
+    plain = [similarity_pass(model, get_safeclip_data(args, *views, tokenizer, pass_image=eval_preprocess), args, 0)
+             for _ in range(2)]
+    augmented = similarity_pass(model, get_safeclip_data(args, *views, tokenizer), args, 0)
+    np.testing.assert_array_equal(plain[0].similarity, plain[1].similarity)
+    assert not np.allclose(plain[0].similarity, augmented.similarity, atol=1e-3)
+
+    by_key = dict(zip(plain[0].keys, plain[0].similarity))
+    model.eval()
+    for index in (0, 63, 249):
+        image, caption, _ = draw_sample(3, "train", index)
+        with torch.no_grad():
+            image_features = model.encode_image(eval_preprocess(image)[None], normalize=True)
+            text_features = model.encode_text(tokenizer([caption]), normalize=True)
+        key = f"train_{index:07d}" if kind == "shards" else str(index)
+        assert by_key[key] == pytest.approx((image_features @ text_features.T).item(), abs=1e-5)
