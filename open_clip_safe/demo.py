@@ -37,12 +37,17 @@ class DemoConfig:
     captions_per_target: int = 10
     inmodal_epochs: int = 1
     crossmodal_epochs: int = 2
-    filter_lr: float = 5e-4
+    filter_lr: float = 1e-3
+    inmodal_lr: float = 2e-4  # the authors' CC1M ratio to the CLIP lr (1e-4 : 5e-4)
+    crossmodal_warmup: int = 30
+    crop_scale: float = 0.5
+    sim_views: str = "plain"
+    text_aug: str = "none"
     safe_fraction_step: float = 0.1
 
 
 QUICK = DemoConfig(num_train=512, num_test=128, epochs=3, batch_size=64, warmup=10, poison_rate=0.04,
-                   num_targets=2, captions_per_target=4, inmodal_epochs=1, crossmodal_epochs=1)
+                   num_targets=2, captions_per_target=4, inmodal_epochs=1, crossmodal_epochs=1, crossmodal_warmup=4)
 
 
 def step(number, text):
@@ -100,7 +105,9 @@ def training_command(config, train_data, logs, name, seed, safeclip):
                10_000]
     if safeclip:
         command += ["--safeclip", "--safeclip-inmodal-epochs", config.inmodal_epochs, "--safeclip-crossmodal-epochs",
-                    config.crossmodal_epochs, "--safeclip-filter-lr", config.filter_lr,
+                    config.crossmodal_epochs, "--safeclip-filter-lr", config.filter_lr, "--safeclip-inmodal-lr", config.inmodal_lr,
+                    "--safeclip-crossmodal-warmup", config.crossmodal_warmup, "--safeclip-crop-scale", config.crop_scale,
+                    "--safeclip-sim-views", config.sim_views, "--safeclip-text-aug", config.text_aug,
                     "--safeclip-safe-fraction-step", config.safe_fraction_step]
     return [str(part) for part in command]
 
