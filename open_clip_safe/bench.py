@@ -17,7 +17,6 @@ from open_clip_safe.cli import Parser, fail
 from open_clip_safe.demo import DemoError
 
 
-
 # ---------------------------------------------------------------- inside one timed run
 
 
@@ -157,9 +156,10 @@ def parse_args(argv):
         parser.error(f"--fractions {args.fractions}: expected comma-separated numbers")
     if any(not 0 < f <= 1 for f in args.fractions) or args.fractions != sorted(args.fractions):
         parser.error("--fractions must be increasing, each in (0, 1]")
-    steps = [b - a for a, b in zip(args.fractions, args.fractions[1:])]
+    steps = [b - a for a, b in zip(args.fractions, args.fractions[1:])] or [0.0]
     if any(abs(step - steps[0]) > 1e-9 for step in steps):
         parser.error("--fractions must be evenly spaced (SafeCLIP grows the safe fraction by a fixed step)")
+    args.fraction_step = steps[0]
     if args.num_train < 4 * args.batch_size:
         parser.error("--num-train must hold at least 4 batches")
     return args
@@ -182,10 +182,9 @@ def run_bench(args):
     common = ["--train-data", train_data, "--model", args.model, "--batch-size", args.batch_size, "--device",
               args.device, "--precision", args.precision, "--workers", args.workers, "--epochs", epochs,
               "--lr", 1e-3, "--warmup", 10, "--logs", out / "logs", "--save-frequency", 0]
-    steps = [fractions[i + 1] - fractions[i] for i in range(len(fractions) - 1)] or [0.0]
     safe_flags = ["--safeclip", "--safeclip-inmodal-epochs", 1, "--safeclip-crossmodal-epochs", 1,
                   "--safeclip-split", "topk", "--safeclip-safe-fraction-start", fractions[0],
-                  "--safeclip-safe-fraction-step", steps[0], "--safeclip-safe-fraction-max", fractions[-1]]
+                  "--safeclip-safe-fraction-step", args.fraction_step, "--safeclip-safe-fraction-max", fractions[-1]]
     print(f"timing {epochs} plain open_clip epochs ({args.model}, batch {args.batch_size}, {args.device})", flush=True)
     plain = run_timed(common + ["--name", f"open_clip-{stamp}"], out / "plain.json", out / "plain.log")
     print(f"timing {epochs} SafeCLIP epochs (safe fractions {fractions})", flush=True)
@@ -193,7 +192,7 @@ def run_bench(args):
     rows, whole = summarize(plain, safe, fractions)
     table = markdown(rows, whole, epochs, hardware_name(args.device))
     (out / "bench.md").write_text(table + "\n")
-    (out / "bench.json").write_text(json.dumps({"args": {k: v for k, v in vars(args).items()}, "rows": rows,
+    (out / "bench.json").write_text(json.dumps({"args": vars(args), "rows": rows,
                                                  "whole_run": whole}, indent=2))
     print(table)
     return rows, whole

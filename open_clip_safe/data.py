@@ -104,7 +104,8 @@ class TwoViews:
     def pass_tuple(self, sample):
         """(id, key, poisoned flag, image, caption) of a webdataset record, as the pass embeds them."""
         key = sample["key"]
-        return (sample_id(key), key, poisoned_flag(sample.get("meta")), *self.pass_view(sample["image"], sample["text"], key))
+        image, tokens = self.pass_view(sample["image"], sample["text"], key)
+        return sample_id(key), key, poisoned_flag(sample.get("meta")), image, tokens
 
 
 def poisoned_flag(meta):

@@ -16,7 +16,6 @@ from pathlib import Path
 from open_clip_safe.cli import Parser, fail, out_dir_problem
 
 
-
 @dataclass(frozen=True)
 class DemoConfig:
     """Everything the demo's result depends on besides the seed."""
@@ -104,8 +103,9 @@ def training_command(config, train_data, logs, name, seed, safeclip):
                "--seed", seed, "--logs", logs, "--name", name, "--save-frequency", config.epochs, "--log-every-n-steps",
                10_000]
     if safeclip:
-        command += ["--safeclip", "--safeclip-inmodal-epochs", config.inmodal_epochs, "--safeclip-crossmodal-epochs",
-                    config.crossmodal_epochs, "--safeclip-filter-lr", config.filter_lr, "--safeclip-inmodal-lr", config.inmodal_lr,
+        command += ["--safeclip", "--safeclip-inmodal-epochs", config.inmodal_epochs,
+                    "--safeclip-crossmodal-epochs", config.crossmodal_epochs,
+                    "--safeclip-filter-lr", config.filter_lr, "--safeclip-inmodal-lr", config.inmodal_lr,
                     "--safeclip-crossmodal-warmup", config.crossmodal_warmup, "--safeclip-crop-scale", config.crop_scale,
                     "--safeclip-sim-views", config.sim_views, "--safeclip-text-aug", config.text_aug,
                     "--safeclip-safe-fraction-step", config.safe_fraction_step]
@@ -134,17 +134,17 @@ def train(command, console_log, quiet):
 
 
 def evaluate(config, checkpoint, world_dir, cards, quiet):
+    """Zero-shot accuracy and attack success of one checkpoint; `cards` are loaded attack cards."""
     import open_clip
     import torch
 
-    from open_clip_safe.attacks import load_attack_card
     from open_clip_safe.evaluate import evaluate_model, world_test_set
 
     torch.manual_seed(0)
     model, _, preprocess = open_clip.create_model_and_transforms(config.model, pretrained=str(checkpoint))
     test_set = world_test_set(world_dir)
     return evaluate_model(model, preprocess, open_clip.get_tokenizer(config.model), test_set, test_set.classnames,
-                          test_set.templates, [load_attack_card(card) for card in cards], progress=not quiet)
+                          test_set.templates, cards, progress=not quiet)
 
 
 def percent(value):
@@ -208,7 +208,7 @@ def run_demo(out, config, seed, quiet=False):
         print(f"   done in {walls[name] / 60:.1f} min", flush=True)
 
     step(5, "evaluating both on the clean and triggered test split")
-    results = {name: evaluate(config, checkpoints[name], out / "world", [backdoor, both], quiet)
+    results = {name: evaluate(config, checkpoints[name], out / "world", cards, quiet)
                for name in ("clip", "safeclip")}
 
     step(6, "split diagnostics and report")

@@ -23,7 +23,6 @@ from open_clip_safe.attacks import apply_trigger, load_attack_card, target_sampl
 from open_clip_safe.cli import Parser, fail
 
 
-
 class EvaluationError(ValueError):
     """Bad input found while evaluating (a file, a label, a class name); reported as one line, exit 2."""
 

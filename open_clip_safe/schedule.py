@@ -96,8 +96,9 @@ class LrPlan:
     filter_lr to inmodal_lr, then a cosine down to filter_lr at the end of the unimodal epochs;
     then filter_lr for the cross-modal warm-up, reached by a linear ramp from 0 over its first
     `crossmodal_warmup` steps when that is not 0 (switching to the CLIP loss at a high filter_lr
-    collapsed the demo's model: every caption embedded alike, loss stuck at ln(batch)). Mixed epochs: one cosine (to 0) for
-    all risky sub-epochs at inmodal_lr and one for all safe sub-epochs at cross_lr, each sized
+    collapsed the demo's model: every caption embedded alike, loss stuck at ln(batch)).
+    Mixed epochs: one cosine (to 0) for all risky sub-epochs at inmodal_lr and one for all safe
+    sub-epochs at cross_lr, each sized
     ahead by `mixed_steps` (steps of every mixed epoch's risky / safe sub-epoch, from the expected
     safe fraction); None until a gmm run's first split fixes f0.
     """

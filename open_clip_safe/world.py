@@ -7,7 +7,6 @@ is streamed, and it is written to disk shard by shard (nothing is held in memory
 
     python -m open_clip_safe.world --out DIR [--num-train 8000] [--num-test 1000] [--seed 0]
 """
-import argparse
 import csv
 import io
 import json
@@ -20,7 +19,7 @@ import webdataset as wds
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from open_clip_safe.cli import out_dir_problem
+from open_clip_safe.cli import Parser, fail, out_dir_problem
 
 CLASSES = (
     "banana", "umbrella", "mushroom", "candle", "pizza", "balloon", "pillow", "necklace", "desk",
@@ -232,8 +231,7 @@ def load_card(world_dir):
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="python -m open_clip_safe.world", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = Parser("world", __doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="Output folder (must be empty or absent, unless --overwrite).")
     parser.add_argument("--num-train", type=int, default=8000, help="Training samples.")
     parser.add_argument("--num-test", type=int, default=1000, help="Labelled test samples.")
@@ -264,8 +262,7 @@ def main(argv=None):
         card = generate_world(args.out, args.num_train, args.num_test, args.seed, args.image_size,
                               args.shard_size, formats, progress=not args.quiet)
     except OSError as error:
-        print(f"error: cannot write the world under {args.out}: {error}", file=sys.stderr)
-        return 2
+        fail("world", f"cannot write the world under {args.out}: {error}")
     print(json.dumps({split: entry for split, entry in card["splits"].items()}, indent=2))
     return 0
 
