@@ -184,6 +184,9 @@ def safeclip_parser():
                        help="CLIP loss on (image view 1, caption view 1) instead of crosswise views.")
     group.add_argument("--safeclip-text-aug", choices=("eda", "none"), default="eda",
                        help="Caption augmentation: EDA with WordNet, or none (both views are the raw caption).")
+    group.add_argument("--safeclip-image-aug", choices=("safeclip", "open_clip"), default="safeclip",
+                       help="Image views: the authors' augmentation (crop, flip, colour jitter, grayscale, blur), "
+                            "or open_clip's train preprocess (--aug-cfg), the views plain open_clip trains on.")
     group.add_argument("--safeclip-crop-scale", type=float, default=0.08,
                        help="Smallest crop area of the image views' RandomResizedCrop (the authors: 0.08).")
     group.add_argument("--safeclip-sim-views", choices=("augmented", "plain"), default="augmented",
@@ -222,6 +225,9 @@ def check_safeclip_args(args, defaults):
         if value is not None and value <= 0:
             raise UsageError(f"{flag} must be positive, got {value}")
     check_fraction(args.safeclip_crop_scale, "--safeclip-crop-scale")
+    if args.safeclip_image_aug == "open_clip" and args.safeclip_crop_scale != defaults.safeclip_crop_scale:
+        raise UsageError("--safeclip-crop-scale sets the authors' augmentation; with --safeclip-image-aug open_clip "
+                         "the crop comes from --aug-cfg scale=(lo,hi)")
     if args.safeclip_crossmodal_warmup < 0:
         raise UsageError("--safeclip-crossmodal-warmup must be >= 0")
     if args.safeclip_memory_bank_size < 0:

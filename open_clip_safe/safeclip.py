@@ -49,7 +49,10 @@ def get_data(args, preprocess_fns, epoch=0, tokenizer=None):
         data = open_clip_get_data(args, preprocess_fns, epoch=epoch, tokenizer=tokenizer)  # val / imagenet
     finally:
         args.train_data = train_data
-    image_augment = augment.image_augment_like(preprocess_fns[0], args.safeclip_crop_scale)
+    if args.safeclip_image_aug == "open_clip":
+        image_augment = preprocess_fns[0]
+    else:
+        image_augment = augment.image_augment_like(preprocess_fns[0], args.safeclip_crop_scale)
     caption_augment = augment.EdaAugmenter() if args.safeclip_text_aug == "eda" else None
     if is_master(args):
         logging.info(f"SafeCLIP image views: {image_augment}; caption views: {args.safeclip_text_aug}; "

@@ -2,11 +2,12 @@
 import numpy as np
 import open_clip
 import pytest
+import torch
 
 import open_clip_safe  # noqa: F401
 from open_clip_safe.data import SplitLookup, get_safeclip_data, sample_id
 from open_clip_safe.params import parse_args
-from open_clip_safe.world import generate_world
+from open_clip_safe.world import draw_sample, generate_world
 
 
 @pytest.fixture(scope="module")
@@ -45,3 +46,29 @@ def test_a_worker_whose_shards_hold_none_of_the_subset_says_so(world, tmp_path):
     loader, _ = subset_stream(world, tmp_path, wanted, batch_size=4)
     with pytest.raises(RuntimeError, match="found no sample of this subset in its shards; use fewer --workers"):
         list(loader)
+
+
+@pytest.mark.parametrize("image_aug", ["safeclip", "open_clip"])
+def test_image_aug_choice_sets_the_training_views(world, tmp_path, image_aug):
+    """--safeclip-image-aug open_clip: both views come from open_clip's train preprocess (--aug-cfg)."""
+    from open_clip_safe import safeclip
+
+    args = parse_args(["--train-data", world["splits"]["train"]["shards"], "--model", "safeclip-micro",
+                       "--device", "cpu", "--batch-size", "16", "--workers", "1", "--logs", str(tmp_path),
+                       "--name", "run", "--safeclip", "--epochs", "9", "--safeclip-text-aug", "none",
+                       "--safeclip-image-aug", image_aug, "--aug-cfg", "scale=(1.0,1.0)"])
+    args.rank, args.world_size, args.distributed = 0, 1, False
+    _, train_preprocess, eval_preprocess = open_clip.create_model_and_transforms("safeclip-micro",
+                                                                                aug_cfg=args.aug_cfg)
+    train = safeclip.get_data(args, (train_preprocess, eval_preprocess), epoch=0,
+                              tokenizer=open_clip.get_tokenizer("safeclip-micro"))["train"]
+    _, image_v1, image_v2, _, _ = next(iter(train.dataloader))
+    # open_clip's crop of the whole image is the image itself, as the eval preprocess gives it
+    plain = {eval_preprocess(image).numpy().tobytes() for image, _, _ in
+             (draw_sample(5, "train", index) for index in range(250))}
+    if image_aug == "open_clip":
+        assert torch.equal(image_v1, image_v2)
+        assert all(view.numpy().tobytes() in plain for view in image_v1)
+    else:
+        assert not torch.allclose(image_v1, image_v2)
+        assert not any(view.numpy().tobytes() in plain for view in image_v1)

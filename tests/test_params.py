@@ -17,6 +17,7 @@ def test_defaults_are_the_authors(world):
             args.safeclip_safe_fraction_max, args.safeclip_safe_fraction_start) == (0.9, 0.01, 0.85, 0.15)
     assert args.safeclip_split == "gmm" and args.safeclip_update_freq == 1
     assert args.safeclip_cross_aug and args.safeclip_text_aug == "eda" and args.safeclip_memory_bank_size == 0
+    assert args.safeclip_image_aug == "safeclip" and args.safeclip_crop_scale == 0.08
     plain = parse(world)
     assert not plain.safeclip and plain.lr == 5e-4, "open_clip's own defaults still apply"
 
@@ -43,6 +44,9 @@ def test_help_shows_both_groups():
     (["--safeclip", "--epochs", "9", "--safeclip-crossmodal-warmup", "-5"], "--safeclip-crossmodal-warmup must be >= 0"),
     (["--safeclip", "--epochs", "9", "--safeclip-crop-scale", "0"], "--safeclip-crop-scale must be in (0, 1], got 0.0"),
     (["--safeclip", "--epochs", "9", "--safeclip-split", "kmeans"], "invalid choice: 'kmeans'"),
+    (["--safeclip", "--epochs", "9", "--safeclip-image-aug", "open_clip", "--safeclip-crop-scale", "0.5"],
+     "with --safeclip-image-aug open_clip the crop comes from --aug-cfg scale=(lo,hi)"),
+    (["--safeclip-image-aug", "open_clip"], "--safeclip-image-aug needs --safeclip"),
 ])
 def test_invalid_safeclip_settings(world, capsys, flags, message):
     with pytest.raises(SystemExit) as exit_info:
