@@ -39,10 +39,10 @@ class DemoConfig:
     filter_lr: float = 1e-3
     inmodal_lr: float = 2e-4  # the authors' CC1M ratio to the CLIP lr (1e-4 : 5e-4)
     crossmodal_warmup: int = 30
-    crop_scale: float = 0.5
+    image_aug: str = "open_clip"  # the authors' augmentation alone stops this backdoor (see README)
     sim_views: str = "plain"
     text_aug: str = "none"
-    safe_fraction_step: float = 0.1
+    safe_fraction_step: float = 0.15
 
 
 QUICK = DemoConfig(num_train=512, num_test=128, epochs=3, batch_size=64, warmup=10, poison_rate=0.04,
@@ -106,7 +106,7 @@ def training_command(config, train_data, logs, name, seed, safeclip):
         command += ["--safeclip", "--safeclip-inmodal-epochs", config.inmodal_epochs,
                     "--safeclip-crossmodal-epochs", config.crossmodal_epochs,
                     "--safeclip-filter-lr", config.filter_lr, "--safeclip-inmodal-lr", config.inmodal_lr,
-                    "--safeclip-crossmodal-warmup", config.crossmodal_warmup, "--safeclip-crop-scale", config.crop_scale,
+                    "--safeclip-crossmodal-warmup", config.crossmodal_warmup, "--safeclip-image-aug", config.image_aug,
                     "--safeclip-sim-views", config.sim_views, "--safeclip-text-aug", config.text_aug,
                     "--safeclip-safe-fraction-step", config.safe_fraction_step]
     return [str(part) for part in command]
