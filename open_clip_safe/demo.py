@@ -39,7 +39,7 @@ class DemoConfig:
     filter_lr: float = 1e-3
     inmodal_lr: float = 2e-4  # the authors' CC1M ratio to the CLIP lr (1e-4 : 5e-4)
     crossmodal_warmup: int = 30
-    image_aug: str = "open_clip"  # the authors' augmentation alone stops this backdoor (see README)
+    image_aug: str = "open_clip"  # as plain CLIP; the authors' augmentation alone stops this backdoor
     sim_views: str = "plain"
     text_aug: str = "none"
     safe_fraction_step: float = 0.15

@@ -49,7 +49,7 @@ def test_a_worker_whose_shards_hold_none_of_the_subset_says_so(world, tmp_path):
 
 
 @pytest.mark.parametrize("image_aug", ["safeclip", "open_clip"])
-def test_image_aug_choice_sets_the_training_views(world, tmp_path, image_aug):
+def test_image_aug_choice_sets_the_training_views(world, tmp_path, image_aug, caplog):
     """--safeclip-image-aug open_clip: both views come from open_clip's train preprocess (--aug-cfg)."""
     from open_clip_safe import safeclip
 
@@ -67,8 +67,10 @@ def test_image_aug_choice_sets_the_training_views(world, tmp_path, image_aug):
     plain = {eval_preprocess(image).numpy().tobytes() for image, _, _ in
              (draw_sample(5, "train", index) for index in range(250))}
     if image_aug == "open_clip":
+        assert train.views.image_augment is train_preprocess
         assert torch.equal(image_v1, image_v2)
         assert all(view.numpy().tobytes() in plain for view in image_v1)
     else:
         assert not torch.allclose(image_v1, image_v2)
         assert not any(view.numpy().tobytes() in plain for view in image_v1)
+        assert "--aug-cfg does not change SafeCLIP's image views" in caplog.text
