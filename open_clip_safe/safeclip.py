@@ -58,8 +58,8 @@ def get_data(args, preprocess_fns, epoch=0, tokenizer=None):
         if args.aug_cfg and args.safeclip_image_aug == "safeclip":
             logging.warning("--aug-cfg does not change SafeCLIP's image views (the authors' augmentation); "
                             "add --safeclip-image-aug open_clip to train on open_clip's")
-        logging.info(f"SafeCLIP image views ({args.safeclip_image_aug}): {image_augment}; caption views: {args.safeclip_text_aug}; "
-                     f"similarity pass on {args.safeclip_sim_views} views")
+        logging.info(f"SafeCLIP image views ({args.safeclip_image_aug}): {image_augment}; "
+                     f"caption views: {args.safeclip_text_aug}; similarity pass on {args.safeclip_sim_views} views")
     pass_image = preprocess_fns[1] if args.safeclip_sim_views == "plain" else None
     train = safeclip_data.get_safeclip_data(args, image_augment, caption_augment, tokenizer, epoch, pass_image)
     train.run = SafeclipRun(args, train)

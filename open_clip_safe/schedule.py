@@ -98,9 +98,8 @@ class LrPlan:
     `crossmodal_warmup` steps when that is not 0 (switching to the CLIP loss at a high filter_lr
     collapsed the demo's model: every caption embedded alike, loss stuck at ln(batch)).
     Mixed epochs: one cosine (to 0) for all risky sub-epochs at inmodal_lr and one for all safe
-    sub-epochs at cross_lr, each sized
-    ahead by `mixed_steps` (steps of every mixed epoch's risky / safe sub-epoch, from the expected
-    safe fraction); None until a gmm run's first split fixes f0.
+    sub-epochs at cross_lr, each sized ahead by `mixed_steps` (steps of every mixed epoch's risky /
+    safe sub-epoch, from the expected safe fraction); None until a gmm run's first split fixes f0.
     """
 
     inmodal_lr: float
