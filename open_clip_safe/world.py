@@ -58,6 +58,7 @@ CAPTION_TEMPLATES = (
 ZERO_SHOT_TEMPLATES = ("a photo of a {}.", "a drawing of a {}.", "a picture of the {}.", "a simple {} icon.")
 SPLIT_IDS = {"train": 1, "test": 2}
 SUPERSAMPLE = 4
+MAX_ROTATION = 0.1  # radians; small enough that no glyph turns into another
 
 
 def _regular_polygon(n, phase=0.0, inner=None):
@@ -74,13 +75,18 @@ def _rects(*boxes):
 
 
 # Each glyph is a list of (polygons to fill, polygons to cut out); coordinates in [-1, 1].
+# Glyphs differ in structure, not in outline alone: with a square, a diamond, a pentagon and a hexagon
+# beside the disk (and rotations up to 0.35 rad), the tiny model confused those five at 32 px and plain
+# CLIP reached 82-87% top-1 in the demo's 10 epochs, too far from saturation for SafeCLIP, whose CLIP
+# loss sees about half the samples, to come near it (plain CLIP 97.5%, SafeCLIP 87-93% on this set).
 GLYPHS = (
     ([_regular_polygon(40)], []),                                               # disk
-    (_rects((-0.8, -0.8, 0.8, 0.8)), []),                                       # square
+    ([[(dx + 0.38 * x, dy + 0.38 * y) for x, y in _regular_polygon(24)]
+      for dx in (-0.55, 0.55) for dy in (-0.55, 0.55)], []),                    # four dots
     ([_regular_polygon(3, -math.pi / 2)], []),                                  # triangle
-    ([_regular_polygon(4)], []),                                                # diamond
-    ([_regular_polygon(5, -math.pi / 2)], []),                                  # pentagon
-    ([_regular_polygon(6)], []),                                                # hexagon
+    (_rects((-0.9, -0.9, -0.45, 0.9), (0.45, -0.9, 0.9, 0.9), (-0.9, -0.22, 0.9, 0.22)), []),  # H
+    ([[(-1, -0.8), (0, 0), (-1, 0.8)], [(1, -0.8), (0, 0), (1, 0.8)]], []),      # bowtie
+    (_rects((-0.9, -0.9, -0.45, 0.9), (0.45, -0.9, 0.9, 0.9), (-0.9, 0.45, 0.9, 0.9)), []),  # U
     ([_regular_polygon(5, -math.pi / 2, inner=0.42)], []),                      # star
     ([_regular_polygon(40)], [[(0.55 * x, 0.55 * y) for x, y in _regular_polygon(40)]]),  # ring
     (_rects((-0.25, -1, 0.25, 1), (-1, -0.25, 1, 0.25)), []),                   # plus
@@ -123,7 +129,7 @@ def draw_sample(seed, split, index, image_size=32):
     radius = rng.uniform(*SIZES[size]) * canvas
     margin = radius * 1.05
     cx, cy = rng.uniform(margin, canvas - margin, size=2)
-    angle = rng.uniform(-0.35, 0.35)
+    angle = rng.uniform(-MAX_ROTATION, MAX_ROTATION)
     cos_a, sin_a = math.cos(angle), math.sin(angle)
 
     def place(polygon):
