@@ -42,7 +42,7 @@ class DemoConfig:
     image_aug: str = "open_clip"  # as plain CLIP; the authors' augmentation alone stops this backdoor
     sim_views: str = "plain"
     text_aug: str = "none"
-    safe_fraction_step: float = 0.25
+    safe_fraction_step: float = 0.25  # the 85% cap in 4-5 mixed epochs; +0.15: 5 points less top-1, fewer targets hit
 
 
 QUICK = DemoConfig(num_train=512, num_test=128, epochs=3, batch_size=64, warmup=10, poison_rate=0.04,
