@@ -354,8 +354,10 @@ def test_bad_inputs(train, tmp_path, capsys):
           "--csv-caption-key", "caption", expect="has no column 'caption'")
     broken = tmp_path / "broken"
     shutil.copytree(train.dir, broken)
+    with tarfile.open(broken / "000002.tar") as tar:
+        member = next(m for m in tar.getmembers()[len(tar.getmembers()) // 2:] if m.size > 1)
     data = (broken / "000002.tar").read_bytes()
-    (broken / "000002.tar").write_bytes(data[:len(data) // 2 + 100])
+    (broken / "000002.tar").write_bytes(data[:member.offset_data + member.size // 2])  # cut inside a member
     fails(capsys, "--train-data", broken / "{000000..000003}.tar", "--out", out, "--attack", "sig",
           "--poison-rate", 0.1, expect=f"cannot read shard {broken / '000002.tar'}")
     with tarfile.open(train.dir + "/000002.tar") as tar:
