@@ -32,8 +32,7 @@ COLORS = {
 }
 # Plain backgrounds and glyphs of at least a quarter of the image: with noisy backgrounds and
 # glyphs from a fifth, the tiny demo model reached 68% top-1 after 10 epochs on 4,000 images
-# (84% with plain backgrounds and the earlier glyph set below, 97.5% with the current one), too slow
-# for a 15-minute demo to train both CLIP and SafeCLIP.
+# (84% with these backgrounds and sizes), too slow for a 15-minute demo to train both CLIP and SafeCLIP.
 BACKGROUNDS = {"dark": 35, "light": 215, "gray": 120}
 SIZES = {"small": (0.28, 0.34), "large": (0.36, 0.44)}
 # Most captions name only the class: when every caption also spelled out colour, size and
