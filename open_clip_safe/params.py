@@ -15,6 +15,8 @@ import braceexpand
 import pandas as pd
 from open_clip_train.params import parse_args as parse_open_clip_args
 
+from open_clip_safe.augment import AUTHORS_CROP_SCALE
+
 PROG = "open_clip_safe.main"
 
 
@@ -187,8 +189,8 @@ def safeclip_parser():
     group.add_argument("--safeclip-image-aug", choices=("safeclip", "open_clip"), default="safeclip",
                        help="Image views: the authors' augmentation (crop, flip, colour jitter, grayscale, blur), "
                             "or open_clip's train preprocess (--aug-cfg), the views plain open_clip trains on.")
-    group.add_argument("--safeclip-crop-scale", type=float, default=0.08,
-                       help="Smallest crop area of the image views' RandomResizedCrop (the authors: 0.08).")
+    group.add_argument("--safeclip-crop-scale", type=float, default=AUTHORS_CROP_SCALE,
+                       help=f"Smallest crop area of the image views' RandomResizedCrop (the authors: {AUTHORS_CROP_SCALE}).")
     group.add_argument("--safeclip-sim-views", choices=("augmented", "plain"), default="augmented",
                        help="What the similarity pass embeds: view 1, augmented (the authors), or the image as "
                             "open_clip's eval preprocess gives it with the raw caption (a deterministic score).")
