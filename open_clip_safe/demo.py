@@ -23,7 +23,7 @@ class DemoConfig:
     num_train: int = 4000
     num_test: int = 1000
     model: str = "safeclip-tiny"
-    epochs: int = 13  # 10: SafeCLIP 86-93% while plain CLIP is already at 98%
+    epochs: int = 13  # 10 (crosswise loss): SafeCLIP 86-93% while plain CLIP was already at 98%
     batch_size: int = 128
     lr: float = 1e-3
     warmup: int = 50
@@ -42,8 +42,8 @@ class DemoConfig:
     image_aug: str = "open_clip"  # as plain CLIP; the authors' augmentation alone stops this backdoor
     sim_views: str = "plain"
     text_aug: str = "none"
-    cross_aug: bool = False  # with raw captions the crosswise loss only doubles the image forwards
-    safe_fraction_step: float = 0.25  # the 85% cap in 4-5 mixed epochs; +0.15: 5 points less top-1, fewer targets hit
+    cross_aug: bool = False  # raw captions make both caption views equal: crosswise only doubles every forward
+    safe_fraction_step: float = 0.25  # cap 85% at the 5th mixed epoch; +0.15 (10 epochs): 5.5 points less top-1, fewer hits
 
 
 QUICK = DemoConfig(num_train=512, num_test=128, epochs=3, batch_size=64, warmup=10, poison_rate=0.04,

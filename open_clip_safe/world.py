@@ -78,8 +78,8 @@ def _rects(*boxes):
 # Glyphs differ in structure, not in outline alone: with a square, a diamond, a pentagon and a hexagon
 # beside the disk (and rotations up to 0.35 rad), the tiny model confused those five at 32 px and plain
 # CLIP reached 82-87% top-1 in the demo's 10 epochs, too far from saturation for SafeCLIP, whose CLIP
-# loss sees 55-65% of the samples, to come near it (with this glyph set, seed 0: plain CLIP 97.5%,
-# SafeCLIP 87.1% at a safe fraction step of 0.15 and 92.6% at 0.25).
+# loss sees 55-65% of the samples, to come near it (with this glyph set and the same 10 epochs, seed 0:
+# plain CLIP 97.5%, SafeCLIP 87.1% at a safe fraction step of 0.15 and 92.6% at 0.25).
 GLYPHS = (
     ([_regular_polygon(40)], []),                                               # disk
     ([[(dx + 0.38 * x, dy + 0.38 * y) for x, y in _regular_polygon(24)]
