@@ -1,7 +1,7 @@
 """`python -m open_clip_safe.bench`: what SafeCLIP costs against plain open_clip, per phase and per run.
 
 Runs `open_clip_safe.main` twice on the same data, model and batch size, each in its own process:
-plain open_clip for E epochs, then SafeCLIP for E epochs (one unimodal warm-up epoch, one
+plain open_clip for E epochs, then SafeCLIP for E epochs (one in-modal warm-up epoch, one
 cross-modal epoch, then mixed epochs at growing safe fractions). Inside each run the seams are
 wrapped with timers, so the figures are the training loop's wall time (data loading included,
 process start and model creation excluded): samples/s per phase, the similarity pass, the
@@ -13,8 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from open_clip_safe.cli import Parser, fail
-from open_clip_safe.demo import DemoError
+from open_clip_safe.cli import Parser, add_device_flags, guarded, resolve_precision
 
 
 # ---------------------------------------------------------------- inside one timed run
@@ -104,7 +103,7 @@ def summarize(plain, safe, fractions):
         rows.append({"phase": name, "samples": record["samples"], "seconds": record["seconds"], "samples_per_s": rate,
                      "ratio": plain_rate / rate, "peak_memory_mib": record["peak_memory_mib"]})
 
-    for tag, name in (("inmodal", "SafeCLIP unimodal warm-up epoch"), ("crossmodal", "SafeCLIP cross-modal epoch")):
+    for tag, name in (("inmodal", "SafeCLIP in-modal warm-up epoch"), ("crossmodal", "SafeCLIP cross-modal epoch")):
         add(name, next(r for r in safe if r["phase"] == tag))
     passes = [r for r in safe if r["phase"] == "similarity pass"]
     add("similarity pass", {**passes[0], "seconds": sum(r["seconds"] for r in passes) / len(passes)})
@@ -137,6 +136,80 @@ def hardware_name(device):
     return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads ({torch.__version__})"
 
 
+# ---------------------------------------------------------------- host memory of the split at scale
+
+
+def split_memory_rank(rank, world_size, port, num_samples, results):
+    """One rank of `split_memory`: synthetic pass output through the real collectives, split and lookup."""
+    import os
+
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+    from types import SimpleNamespace
+
+    from open_clip_safe.data import SplitLookup
+    from open_clip_safe.schedule import SplitRule, gmm_clean_probability, top_fraction_mask
+    from open_clip_safe.train import broadcast_split
+    from open_clip_safe import collectives
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    args = SimpleNamespace(rank=rank, world_size=world_size, distributed=True)
+    rng = np.random.default_rng(rank)
+    local = num_samples // world_size + (rank < num_samples % world_size)
+    ids = rng.integers(0, 2**63 - 1, local, dtype=np.int64)
+    sims = rng.normal(0.4, 0.1, local).astype(np.float32)
+    poison = (rng.random(local) < 0.01).astype(np.int8)
+    dist.barrier()
+    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    start = time.perf_counter()
+    counts = collectives.all_gather_counts(args, local)
+    all_ids = collectives.gather_rows(args, ids, counts)
+    all_sims = collectives.gather_rows(args, sims, counts, dst=0)
+    all_poison = collectives.gather_rows(args, poison, counts, dst=0)  # held like the pass's, then dropped
+    safe = None
+    if rank == 0:
+        score = gmm_clean_probability(all_sims)
+        safe = top_fraction_mask(score, SplitRule().fraction_max, tiebreak=all_sims)
+    del all_poison
+    safe = broadcast_split(args, safe, sum(counts))
+    lookup = SplitLookup(all_ids, safe)
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    results[rank] = {"rank": rank, "samples": sum(counts), "extra_peak_bytes": peak - baseline,
+                     "held_bytes": lookup.packed.nbytes, "seconds": seconds}
+    dist.destroy_process_group()
+
+
+def split_memory(num_samples, world_size=2):
+    """Host memory one rank needs for the pass's gather, the split and the lookup, on synthetic arrays.
+
+    Each rank's peak resident memory beyond its own pass output, measured in a fresh process per rank."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(split_memory_rank, args=(world_size, port, num_samples, results), nprocs=world_size)
+    return [results[rank] for rank in range(world_size)]
+
+
+def split_memory_table(rows, extrapolate_to=400_000_000):
+    lines = [f"| rank | samples | peak extra host memory | bytes a sample | held after (lookup) | at {extrapolate_to:,} "
+             f"samples | seconds |", "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        per_sample = row["extra_peak_bytes"] / row["samples"]
+        lines.append(f"| {row['rank']} | {row['samples']:,} | {row['extra_peak_bytes'] / 2**20:,.0f} MiB | "
+                     f"{per_sample:.1f} | {row['held_bytes'] / row['samples']:.1f} B a sample | "
+                     f"{per_sample * extrapolate_to / 2**30:,.1f} GiB | {row['seconds']:.1f} |")
+    return "\n".join(lines)
+
+
 def parse_args(argv):
     parser = Parser("bench", __doc__.split("\n\n")[0])
     parser.add_argument("--out", default="bench_out", help="Folder for the world, logs and the report.")
@@ -144,12 +217,14 @@ def parse_args(argv):
     parser.add_argument("--num-train", type=int, default=8000, help="Size of the generated world.")
     parser.add_argument("--model", default="safeclip-tiny", help="open_clip model name.")
     parser.add_argument("--batch-size", type=int, default=128, help="Per-device batch size.")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda.")
-    parser.add_argument("--precision", default="fp32", help="open_clip --precision (amp on GPU).")
+    add_device_flags(parser)
     parser.add_argument("--workers", type=int, default=2, help="Data-loader workers.")
     parser.add_argument("--fractions", default="0.15,0.5,0.85",
                         help="Safe fractions of the timed mixed epochs (comma-separated, increasing).")
-    args = parser.parse_args(argv)
+    parser.add_argument("--split-memory", type=int, metavar="N",
+                        help="Instead of timing training: the host memory two gloo ranks need for the similarity "
+                             "pass's gather, the split and the lookup of N synthetic samples.")
+    args = resolve_precision(parser.parse_args(argv))
     try:
         args.fractions = [float(f) for f in args.fractions.split(",")]
     except ValueError:
@@ -198,13 +273,23 @@ def run_bench(args):
     return rows, whole
 
 
+def run_split_memory(args):
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"split memory: {args.split_memory:,} synthetic samples over 2 gloo ranks", flush=True)
+    rows = split_memory(args.split_memory)
+    table = split_memory_table(rows)
+    (out / "split_memory.md").write_text(table + "\n")
+    (out / "split_memory.json").write_text(json.dumps(rows, indent=2))
+    print(table)
+    return rows
+
+
 def main(argv=None):
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        run_bench(args)
-    except DemoError as error:
-        fail("bench", error)
-    return 0
+    def run(args):
+        return run_split_memory(args) if args.split_memory else run_bench(args)
+
+    return guarded("bench", lambda: run(parse_args(sys.argv[1:] if argv is None else argv)))
 
 
 if __name__ == "__main__":

@@ -2,11 +2,12 @@
 
 Built from open_clip_train.data's blocks (shard lists, detshuffle2, split by node and worker, the
 no-throw tar reader, DataInfo, CsvDataset's column conventions). A sample's id is its row index
-for CSV and a 63-bit hash of its webdataset `__key__` otherwise, so the split lookup is a sorted
-int64 array and a bool array: nine bytes a sample, no per-sample Python objects.
+for CSV and a 63-bit hash of its webdataset `__key__` otherwise, so the split lookup is one sorted
+array of eight bytes a sample, no per-sample Python objects (docs/design.md#data-streams).
+
+One rule sizes every stream, CSV and webdataset alike, and the learning-rate plan: `batches_for`.
 """
 import hashlib
-import math
 import random
 from dataclasses import dataclass
 from functools import partial
@@ -15,16 +16,21 @@ import numpy as np
 import pandas as pd
 import torch
 import webdataset as wds
-from open_clip_train.data import (DataInfo, ResampledShards2, SharedEpoch, detshuffle2, expand_urls,
+from open_clip_train.data import (DataInfo, ResampledShards2, SharedEpoch, detshuffle2,
                                   filter_no_caption_or_no_image, get_dataset_size, log_and_continue,
                                   tarfile_to_samples_nothrow, _SAMPLE_SHUFFLE_INITIAL, _SAMPLE_SHUFFLE_SIZE,
                                   _SHARD_SHUFFLE_INITIAL, _SHARD_SHUFFLE_SIZE)
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, get_worker_info
 
+from open_clip_safe.attacks.build import BACKDOORS
+from open_clip_safe.files import IMAGE_EXTENSIONS, shard_list
 from open_clip_safe.params import dataset_kind
 
 ID_MASK = (1 << 63) - 1
+# What a sample's json (or a CSV's `attack` column) says, as the pass's int8 codes: -1 for nothing,
+# else the index here.
+POISON_KINDS = ("clean", "backdoor", "targeted", "other")
 
 
 def sample_id(key):
@@ -33,25 +39,38 @@ def sample_id(key):
 
 
 class SplitLookup:
-    """Safe/risky membership by sample id: a sorted id array and a parallel bool array."""
+    """Safe/risky membership by sample id: one sorted uint64 array of (id << 1 | safe).
+
+    Eight bytes a sample, built in place from the pass's id array, which it takes over (at
+    LAION-400M an argsort and a second copy would cost every rank gigabytes more).
+    """
 
     def __init__(self, ids, safe):
-        order = np.argsort(ids, kind="stable")
-        self.ids = np.ascontiguousarray(ids[order], dtype=np.int64)
-        self.safe = np.ascontiguousarray(safe[order], dtype=bool)
+        packed = np.ascontiguousarray(ids, dtype=np.int64).view(np.uint64)
+        packed <<= np.uint64(1)
+        packed |= np.asarray(safe, dtype=np.uint64)
+        packed.sort()
+        self.packed = packed
+        self.num_safe = int(np.count_nonzero(packed & np.uint64(1)))
+        self.num_risky = len(packed) - self.num_safe
 
     def is_safe(self, ids):
-        ids = np.asarray(ids, dtype=np.int64)
-        where = np.clip(np.searchsorted(self.ids, ids), 0, len(self.ids) - 1)
-        return (self.ids[where] == ids) & self.safe[where]
+        shifted = np.asarray(ids, dtype=np.int64).view(np.uint64) << np.uint64(1)
+        where = np.clip(np.searchsorted(self.packed, shifted), 0, len(self.packed) - 1)
+        found = self.packed[where]
+        return ((found >> np.uint64(1)) == (shifted >> np.uint64(1))) & (found & np.uint64(1)).astype(bool)
+
+    def count(self, want_safe):
+        return self.num_safe if want_safe else self.num_risky
 
     def select(self, want_safe):
         """Predicate on a raw webdataset sample: is it in the wanted subset?"""
         return InSubset(self, want_safe)
 
     def subset_indices(self, want_safe):
-        """CSV: the row indices of the wanted subset (ids are row indices)."""
-        return np.sort(self.ids[self.safe == want_safe])
+        """CSV: the row indices of the wanted subset (ids are row indices), in order."""
+        members = (self.packed & np.uint64(1)) == np.uint64(want_safe)
+        return (self.packed[members] >> np.uint64(1)).astype(np.int64)
 
 
 class InSubset:
@@ -105,14 +124,18 @@ class TwoViews:
         """(id, key, poisoned flag, image, caption) of a webdataset record, as the pass embeds them."""
         key = sample["key"]
         image, tokens = self.pass_view(sample["image"], sample["text"], key)
-        return sample_id(key), key, poisoned_flag(sample.get("meta")), image, tokens
+        return sample_id(key), key, poison_code(sample.get("meta")), image, tokens
 
 
-def poisoned_flag(meta):
-    """1 / 0 where the sample's json says poisoned or clean, -1 where it says nothing."""
+def poison_code(meta):
+    """-1 where the sample's json says nothing of poisoning, else its POISON_KINDS index."""
     if not meta or "poisoned" not in meta:
         return -1
-    return int(bool(meta["poisoned"]))
+    if not meta["poisoned"]:
+        return 0
+    attack = meta.get("attack")
+    kind = "backdoor" if attack in BACKDOORS else attack if attack in POISON_KINDS else "other"
+    return POISON_KINDS.index(kind)
 
 
 # ---------------------------------------------------------------- webdataset
@@ -130,9 +153,6 @@ class SeededShuffle(wds.PipelineStage):
         return wds.filters._shuffle(src, _SAMPLE_SHUFFLE_SIZE, _SAMPLE_SHUFFLE_INITIAL, rng)
 
 
-IMAGE_EXTENSIONS = ("jpg", "png", "jpeg", "webp")
-
-
 def record(sample):
     """A decoded webdataset sample as image, caption, key and its json metadata (None if absent)."""
     image = next(sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample)
@@ -148,8 +168,10 @@ def decoded(select=None):
 
 
 def pass_after_pass(samples):
-    """`samples` over and over, so that a batch may span two passes: a subset thinner than a batch in
-    one worker's shards (a small first safe set) still fills its batches instead of looping forever."""
+    """`samples` over and over, so that a batch may span two passes: a worker whose shards hold a few
+    samples fewer than its share of a subset fills its batches instead of stopping short (which DDP,
+    waiting for every rank's step, would not survive). Samples repeat inside a batch only where a
+    worker's shards hold fewer than one batch of the subset."""
     while True:
         empty = True
         for sample in samples:
@@ -161,11 +183,36 @@ def pass_after_pass(samples):
                                f"shards; use fewer --workers, or more and smaller shards")
 
 
+def batches_for(count, args):
+    """Steps of a stream over `count` samples: whole global batches, CSV and webdataset alike. A
+    subset smaller than one global batch gets none (its sub-epoch is skipped, and logged): padding it
+    out would repeat samples inside a contrastive batch, where each repeat is a false negative."""
+    return count // (args.batch_size * args.world_size)
+
+
+def worker_shares(batches, workers):
+    """Batches per data-loader worker: as even as can be, on at most `batches` workers."""
+    used = max(1, min(workers, batches))
+    return [batches // used + (worker < batches % used) for worker in range(used)]
+
+
+class WorkerShare(wds.PipelineStage):
+    """The first shares[worker] items of each worker's stream (webdataset's with_epoch, per worker)."""
+
+    def __init__(self, shares):
+        self.shares = shares
+
+    def run(self, src):
+        _, _, worker, _ = wds.utils.pytorch_worker_info()
+        for count, item in enumerate(src):
+            if count == self.shares[worker]:
+                return
+            yield item
+
+
 def wds_train_loader(args, views, shared_epoch, num_samples, select=None):
-    """Full batches of (id, v1, v2, t1, t2), the same number on every worker of every rank."""
-    global_batch = args.batch_size * args.world_size
-    workers = max(1, args.workers)
-    worker_batches = max(1, math.floor(num_samples / global_batch / workers))
+    """batches_for(num_samples) full batches of (id, v1, v2, t1, t2) per rank, spread over the workers."""
+    shares = worker_shares(batches_for(num_samples, args), max(1, args.workers))
     if args.dataset_resampled:
         shards = [ResampledShards2(args.train_data, deterministic=True, epoch=shared_epoch)]
     else:
@@ -175,12 +222,12 @@ def wds_train_loader(args, views, shared_epoch, num_samples, select=None):
                   wds.split_by_node, wds.split_by_worker]
     samples = wds.DataPipeline(*shards, tarfile_to_samples_nothrow, *decoded(select),
                                SeededShuffle(args.seed, shared_epoch), wds.map(views.train_tuple))
-    pipeline = wds.DataPipeline(partial(pass_after_pass, samples), wds.batched(args.batch_size, partial=False)
-                                ).with_epoch(worker_batches)
-    loader = wds.WebLoader(pipeline, batch_size=None, shuffle=False, num_workers=args.workers,
-                           persistent_workers=False)
-    loader.num_batches = worker_batches * workers
-    loader.num_samples = loader.num_batches * global_batch
+    pipeline = wds.DataPipeline(partial(pass_after_pass, samples), wds.batched(args.batch_size, partial=False),
+                                WorkerShare(shares))
+    loader = wds.WebLoader(pipeline, batch_size=None, shuffle=False,
+                           num_workers=len(shares) if args.workers else 0, persistent_workers=False)
+    loader.num_batches = sum(shares) if batches_for(num_samples, args) else 0
+    loader.num_samples = loader.num_batches * args.batch_size * args.world_size
     return loader
 
 
@@ -189,7 +236,7 @@ def wds_pass_loader(args, views, batch_size):
     pipeline = wds.DataPipeline(
         wds.SimpleShardList(args.train_data), wds.split_by_node, wds.split_by_worker,
         tarfile_to_samples_nothrow, *decoded(), wds.map(views.pass_tuple), wds.batched(batch_size, partial=True))
-    workers = min(args.workers, max(1, len(expand_urls(args.train_data)[0]) // args.world_size))
+    workers = min(args.workers, max(1, len(shard_list(args.train_data)) // args.world_size))
     return wds.WebLoader(pipeline, batch_size=None, shuffle=False, num_workers=workers)
 
 
@@ -203,14 +250,20 @@ def wds_num_samples(args):
 
 
 class CsvSamples(Dataset):
-    """Rows of an open_clip CSV as (row id, image, caption, key, poisoned flag)."""
+    """Rows of an open_clip CSV as (row id, image, caption, key, poison code).
+
+    Poison codes come from the `poisoned` and `attack` columns open_clip_safe.attacks writes."""
 
     def __init__(self, args):
         table = pd.read_csv(args.train_data, sep=args.csv_separator)
         self.images = table[args.csv_img_key].astype(str).tolist()
         self.captions = table[args.csv_caption_key].astype(str).tolist()
-        self.poisoned = (table["poisoned"].fillna(-1).astype(int).to_numpy() if "poisoned" in table.columns
-                         else np.full(len(table), -1, dtype=np.int64))
+        self.poison = np.full(len(table), -1, dtype=np.int8)
+        if "poisoned" in table.columns:
+            flags = table["poisoned"]
+            names = table["attack"] if "attack" in table.columns else pd.Series(None, index=table.index, dtype=object)
+            kinds = names.map(lambda name: poison_code({"poisoned": True, "attack": name})).to_numpy()
+            self.poison = np.where(flags.isna(), -1, np.where(flags.fillna(0).astype(bool), kinds, 0)).astype(np.int8)
 
     def __len__(self):
         return len(self.captions)
@@ -231,7 +284,7 @@ class CsvRows(Dataset):
     def __getitem__(self, index):
         image, caption, key = self.samples.load(index)
         if self.pass_view:
-            return (index, key, int(self.samples.poisoned[index]), *self.views.pass_view(image, caption, key))
+            return (index, key, int(self.samples.poison[index]), *self.views.pass_view(image, caption, key))
         return (index, *self.views(image, caption, key))
 
 
@@ -292,11 +345,8 @@ class SafeclipData(DataInfo):
         if self.kind == "csv":
             indices = None if lookup is None else lookup.subset_indices(want_safe)
             return csv_train_loader(self.args, CsvRows(self.csv, self.views), epoch, indices)
-        count = self.num_samples
-        select = None
-        if lookup is not None:
-            count = int(lookup.safe.sum() if want_safe else (~lookup.safe).sum())
-            select = lookup.select(want_safe)
+        count = self.num_samples if lookup is None else lookup.count(want_safe)
+        select = None if lookup is None else lookup.select(want_safe)
         return wds_train_loader(self.args, self.views, self.shared_epoch, count, select)
 
     def pass_loader(self, batch_size):
@@ -304,13 +354,8 @@ class SafeclipData(DataInfo):
             return csv_pass_loader(self.args, CsvRows(self.csv, self.views, pass_view=True), batch_size)
         return wds_pass_loader(self.args, self.views, batch_size)
 
-    def subset_batches(self, count):
-        """Full global batches a subset of `count` samples yields (for the learning-rate plan)."""
-        global_batch = self.args.batch_size * self.args.world_size
-        if self.kind == "csv":
-            return count // global_batch
-        workers = max(1, self.args.workers)
-        return max(1, math.floor(count / global_batch / workers)) * workers
+    def batches_for(self, count):
+        return batches_for(count, self.args)
 
 
 def get_safeclip_data(args, image_augment, caption_augment, tokenizer, epoch=0, pass_image=None):

@@ -13,7 +13,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from open_clip_safe.cli import Parser, fail, out_dir_problem
+from open_clip_safe.cli import Parser, UsageError, add_device_flags, guarded, out_dir_problem, percent, resolve_precision
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ def clean_out(out, overwrite):
     out.mkdir(parents=True, exist_ok=True)
 
 
-class DemoError(RuntimeError):
+class DemoError(UsageError):
     """A stage failed or the input was bad (here or in the benchmark); reported as one line, exit 2."""
 
 
@@ -97,9 +97,9 @@ def poison(world_card, out, config, seed, quiet):
     return backdoor, both
 
 
-def training_command(config, train_data, logs, name, seed, safeclip):
+def training_command(config, train_data, logs, name, seed, safeclip, device="cpu", precision="fp32"):
     command = [sys.executable, "-m", "open_clip_safe.main", "--train-data", train_data, "--model", config.model,
-               "--device", "cpu", "--precision", "fp32", "--batch-size", config.batch_size, "--epochs", config.epochs,
+               "--device", device, "--precision", precision, "--batch-size", config.batch_size, "--epochs", config.epochs,
                "--workers", config.workers, "--lr", config.lr, "--warmup", config.warmup, "--wd", 0.1,
                "--seed", seed, "--logs", logs, "--name", name, "--save-frequency", config.epochs, "--log-every-n-steps",
                10_000]
@@ -136,7 +136,7 @@ def train(command, console_log, quiet):
     return time.time() - start
 
 
-def evaluate(config, checkpoint, world_dir, cards, quiet):
+def evaluate(config, checkpoint, world_dir, cards, quiet, device="cpu", precision="fp32"):
     """Zero-shot accuracy and attack success of one checkpoint; `cards` are loaded attack cards."""
     import open_clip
     import torch
@@ -144,14 +144,11 @@ def evaluate(config, checkpoint, world_dir, cards, quiet):
     from open_clip_safe.evaluate import evaluate_model, world_test_set
 
     torch.manual_seed(0)
-    model, _, preprocess = open_clip.create_model_and_transforms(config.model, pretrained=str(checkpoint))
+    model, _, preprocess = open_clip.create_model_and_transforms(config.model, pretrained=str(checkpoint),
+                                                                 device=device)
     test_set = world_test_set(world_dir)
     return evaluate_model(model, preprocess, open_clip.get_tokenizer(config.model), test_set, test_set.classnames,
-                          test_set.templates, cards, progress=not quiet)
-
-
-def percent(value):
-    return "-" if value is None else f"{100 * value:.1f}%"
+                          test_set.templates, cards, device=device, precision=precision, progress=not quiet)
 
 
 def markdown_table(rows):
@@ -179,7 +176,7 @@ def summary_row(method, result, wall, poisoned_total, diagnostics=None):
     return row
 
 
-def run_demo(out, config, seed, quiet=False):
+def run_demo(out, config, seed, quiet=False, device="cpu", precision="fp32"):
     from open_clip_safe import diagnostics
     from open_clip_safe.world import generate_world
 
@@ -205,13 +202,13 @@ def run_demo(out, config, seed, quiet=False):
     for number, name, safeclip in ((3, "clip", False), (4, "safeclip", True)):
         step(number, f"training {'SafeCLIP' if safeclip else 'plain CLIP (open_clip loop)'}: {config.model}, "
                      f"{config.epochs} epochs, batch {config.batch_size}")
-        command = training_command(config, train_data, logs, name, seed, safeclip)
+        command = training_command(config, train_data, logs, name, seed, safeclip, device, precision)
         walls[name] = train(command, logs / f"{name}.console.log", quiet)
         checkpoints[name] = logs / name / "checkpoints" / f"epoch_{config.epochs}.pt"
         print(f"   done in {walls[name] / 60:.1f} min", flush=True)
 
     step(5, "evaluating both on the clean and triggered test split")
-    results = {name: evaluate(config, checkpoints[name], out / "world", cards, quiet)
+    results = {name: evaluate(config, checkpoints[name], out / "world", cards, quiet, device, precision)
                for name in ("clip", "safeclip")}
 
     step(6, "split diagnostics and report")
@@ -241,7 +238,8 @@ def parse_args(argv):
     parser.add_argument("--epochs", type=int, help="Training epochs of both runs (default: 13, --quick 3).")
     parser.add_argument("--overwrite", action="store_true", help="Replace an earlier demo's output in --out.")
     parser.add_argument("--quiet", action="store_true", help="Only stage headers and the final table.")
-    args = parser.parse_args(argv)
+    add_device_flags(parser)
+    args = resolve_precision(parser.parse_args(argv))
     config = QUICK if args.quick else DemoConfig()
     if args.epochs is not None:
         if args.epochs < config.inmodal_epochs + config.crossmodal_epochs + 1:
@@ -251,15 +249,15 @@ def parse_args(argv):
     return args, config
 
 
-def main(argv=None):
-    args, config = parse_args(sys.argv[1:] if argv is None else argv)
+def run(argv):
+    args, config = parse_args(argv)
     out = Path(args.out).resolve()
-    try:
-        clean_out(out, args.overwrite)
-        run_demo(out, config, args.seed, args.quiet)
-    except DemoError as error:
-        fail("demo", error)
-    return 0
+    clean_out(out, args.overwrite)
+    run_demo(out, config, args.seed, args.quiet, args.device, args.precision)
+
+
+def main(argv=None):
+    return guarded("demo", run, sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":

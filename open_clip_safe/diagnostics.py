@@ -11,6 +11,8 @@ import re
 import numpy as np
 import pyarrow.parquet as pq
 
+from open_clip_safe.cli import percent
+
 EPOCH_FILE = re.compile(r"epoch_(\d+)\.parquet$")
 
 
@@ -123,18 +125,14 @@ def plot_diagnostics(rows, arrays, out_dir):
     return written
 
 
-def format_percent(value):
-    return "-" if value is None else f"{100 * value:.1f}%"
-
-
 def diagnostics_table(rows):
     """A fixed-width text table, one line per epoch."""
     header = ("epoch", "samples", "safe", "safe %", "poisoned", "in safe", "risky recall", "risky prec.")
     lines = [header]
     for row in rows:
-        lines.append((str(row["epoch"]), str(row["samples"]), str(row["safe"]), format_percent(row["safe_fraction"]),
+        lines.append((str(row["epoch"]), str(row["samples"]), str(row["safe"]), percent(row["safe_fraction"]),
                       "-" if row["poisoned"] is None else str(row["poisoned"]),
                       "-" if row["poisoned_in_safe"] is None else str(row["poisoned_in_safe"]),
-                      format_percent(row["risky_recall"]), format_percent(row["risky_precision"])))
+                      percent(row["risky_recall"]), percent(row["risky_precision"])))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     return "\n".join("  ".join(cell.rjust(width) for cell, width in zip(line, widths)) for line in lines)

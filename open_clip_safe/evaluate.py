@@ -17,13 +17,14 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import ImageFolder
-from tqdm import tqdm
 
 from open_clip_safe.attacks import apply_trigger, load_attack_card, target_samples
-from open_clip_safe.cli import Parser, fail
+from open_clip_safe import cli
+from open_clip_safe.cli import Parser, UsageError, add_device_flags, guarded, percent, resolve_precision
+from open_clip_safe.files import IMAGE_EXTENSIONS, is_remote, shard_list
 
 
-class EvaluationError(ValueError):
+class EvaluationError(UsageError):
     """Bad input found while evaluating (a file, a label, a class name); reported as one line, exit 2."""
 
 
@@ -87,15 +88,14 @@ def csv_test_set(path, image_key, label_key, separator):
 
 
 def wds_test_set(spec):
-    import braceexpand
     import webdataset as wds
 
-    urls = list(braceexpand.braceexpand(spec))
+    urls = shard_list(spec)
     for url in urls:
-        if "://" not in url and not os.path.isfile(url):
+        if not is_remote(url) and not os.path.isfile(url):
             raise EvaluationError(f"--test-data: shard {url} does not exist")
     pipeline = wds.DataPipeline(wds.SimpleShardList(urls), wds.split_by_worker, wds.tarfile_to_samples(),
-                                wds.decode("pil"), wds.to_tuple("__key__", "jpg;png;jpeg;webp", "cls"))
+                                wds.decode("pil"), wds.to_tuple("__key__", ";".join(IMAGE_EXTENSIONS), "cls"))
     return TestSet(pipeline, spec)
 
 
@@ -199,7 +199,8 @@ class ZeroShot:
         self.input_dtype = get_input_dtype(precision)
         with self.autocast():
             self.head = build_zero_shot_classifier(model, tokenizer, classnames, templates, num_classes_per_batch=10,
-                                                   device=self.device, use_tqdm=progress).float()
+                                                   device=self.device,
+                                                   use_tqdm=progress and sys.stderr.isatty()).float()
 
     @torch.no_grad()
     def topk(self, images, k):
@@ -238,7 +239,7 @@ def evaluate_model(model, preprocess, tokenizer, test_set, classnames, templates
     prepare = Prepared(preprocess, backdoor_card)
     total = top1 = top5 = triggered = hits = 0
     batches = test_loader(test_set, prepare, batch_size, workers)
-    for clean, trigger, labels in tqdm(batches, desc="evaluate", unit="batch", disable=not progress):
+    for clean, trigger, labels in cli.progress(batches, enabled=progress, desc="evaluate", unit="batch"):
         if labels.min() < 0 or labels.max() >= len(classnames):
             raise EvaluationError(f"{test_set.name}: label {int(labels.max())} outside the {len(classnames)} class "
                                   "names; pass matching --classnames")
@@ -284,10 +285,6 @@ def targeted_success(zero_shot, preprocess, card, classnames):
 # ---------------------------------------------------------------- report
 
 
-def percent(value):
-    return "-" if value is None else f"{100 * value:.1f}%"
-
-
 def result_table(result):
     rows = [("test set", f"{result['test_data']} ({result['num_test']} images, {result['num_classes']} classes)"),
             ("zero-shot top-1", percent(result["top1"])), ("zero-shot top-5", percent(result["top5"]))]
@@ -331,11 +328,9 @@ def parse_args(argv):
     parser.add_argument("--output", help="Write the results as JSON to this file.")
     parser.add_argument("--batch-size", type=int, default=256, help="Images per batch.")
     parser.add_argument("--workers", type=int, default=0, help="Data-loader worker processes.")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="Torch device.")
-    parser.add_argument("--precision", default="fp32", choices=("fp32", "amp", "amp_bf16", "bf16", "fp16"),
-                        help="Inference precision, as open_clip's --precision.")
+    add_device_flags(parser)
     parser.add_argument("--quiet", action="store_true", help="No progress bars.")
-    args = parser.parse_args(argv)
+    args = resolve_precision(parser.parse_args(argv))
     if args.model is None and args.similarity_logs is None:
         parser.error("nothing to do: give --model/--checkpoint with --world or --test-data, and/or --similarity-logs")
     if args.model is not None:
@@ -393,12 +388,9 @@ def run(args):
 
 
 def main(argv=None):
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        run(args)
-    except (EvaluationError, FileNotFoundError, ValueError) as error:
-        fail("evaluate", str(error).strip().splitlines()[0])
-    return 0
+    # ValueError and FileNotFoundError: an unusable attack card or similarity log, named by its path
+    return guarded("evaluate", lambda: run(parse_args(sys.argv[1:] if argv is None else argv)),
+                   errors=(ValueError, FileNotFoundError))
 
 
 if __name__ == "__main__":

@@ -6,33 +6,21 @@ own parser, hand every other flag to open_clip's parser unchanged, and check bot
 is created.
 """
 import argparse
+import contextlib
+import io
 import json
 import os
 import sys
 import tarfile
 
-import braceexpand
 import pandas as pd
 from open_clip_train.params import parse_args as parse_open_clip_args
 
 from open_clip_safe.augment import AUTHORS_CROP_SCALE
+from open_clip_safe.cli import DefaultsFormatter, UsageError, fail
+from open_clip_safe.files import is_remote, shard_list
 
-PROG = "open_clip_safe.main"
-
-
-class UsageError(ValueError):
-    """Bad command-line input; reported as one line with exit status 2."""
-
-
-def fail(message):
-    parts = (part.strip() for part in str(message).splitlines())
-    one_line = "; ".join(part[2:] if part.startswith("- ") else part for part in parts if part)
-    print(f"{PROG}: error: {one_line}", file=sys.stderr)
-    sys.exit(2)
-
-
-def is_remote(url):
-    return "://" in url or url.startswith("pipe:")
+TOOL = "main"
 
 
 def dataset_kind(path, dataset_type):
@@ -47,11 +35,6 @@ def dataset_kind(path, dataset_type):
     if extension == "tar":
         return "webdataset"
     raise UsageError(f"cannot tell the dataset type of {path!r} from its extension; pass --dataset-type")
-
-
-def expand_shards(spec):
-    """Every shard named by an open_clip shard spec (brace patterns, '::'-joined sources)."""
-    return [url for source in spec.split("::") for url in braceexpand.braceexpand(source)]
 
 
 def check_shard(path, flag):
@@ -84,7 +67,7 @@ def dataset_size_known(shards):
 
 
 def check_webdataset(args, spec, flag, is_train):
-    shards = expand_shards(spec)
+    shards = shard_list(spec)
     local = [s for s in shards if not is_remote(s)]
     for shard in local:
         check_shard(shard, flag)
@@ -125,6 +108,25 @@ def check_csv(args, path, flag, is_train):
                 f"(--batch-size {args.batch_size} x {world_size} processes)")
 
 
+def check_dist_backend(args):
+    """A --dist-backend must carry the training device's tensors (DDP, the losses' gathers); SafeCLIP's
+    host-array collectives take a gloo group of their own when it carries no CPU tensors."""
+    backend = args.dist_backend
+    if backend is None:
+        return
+    import torch.distributed as dist
+
+    device_type = args.device.split(":")[0]
+    per_device = dict(part.split(":", 1) if ":" in part else (device_type, part) for part in backend.split(","))
+    for name in set(per_device.values()):
+        if not dist.is_available() or not dist.is_backend_available(name):
+            raise UsageError(f"--dist-backend {backend}: this torch has no {name!r} backend")
+    chosen = per_device.get(device_type)
+    if chosen is None or (chosen == "nccl" and device_type != "cuda"):
+        raise UsageError(f"--dist-backend {backend} cannot carry the {device_type} tensors of --device {args.device} "
+                         f"(NCCL takes CUDA tensors only); use gloo, or omit --dist-backend")
+
+
 def check_data_args(args):
     """Raise UsageError for data flags that open_clip would only trip over later."""
     if not (args.train_data or args.val_data or args.imagenet_val or args.imagenet_v2
@@ -150,16 +152,17 @@ def check_data_args(args):
 
 def one_line_error(parser, message):
     """argparse.ArgumentParser.error without open_clip's 60-line usage block."""
-    fail(message)
+    fail(TOOL, message)
 
 
 def safeclip_parser():
-    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False, prog=PROG)
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False, usage=argparse.SUPPRESS,
+                                     formatter_class=DefaultsFormatter)
     group = parser.add_argument_group("SafeCLIP (Yang et al., ICML 2024); all need --safeclip")
     group.add_argument("--safeclip", action="store_true",
-                       help="Train with SafeCLIP: unimodal and cross-modal warm-up, then per-epoch safe/risky split.")
+                       help="Train with SafeCLIP: in-modal and cross-modal warm-up, then per-epoch safe/risky split.")
     group.add_argument("--safeclip-inmodal-epochs", type=int, default=5,
-                       help="Unimodal (image-image, text-text) warm-up epochs.")
+                       help="In-modal (image-image, text-text) warm-up epochs.")
     group.add_argument("--safeclip-crossmodal-epochs", type=int, default=1,
                        help="Cross-modal warm-up epochs at --safeclip-filter-lr.")
     group.add_argument("--safeclip-filter-lr", type=float, default=5e-6,
@@ -168,9 +171,9 @@ def safeclip_parser():
                        help="Ramp the cross-modal warm-up's learning rate linearly from 0 to --safeclip-filter-lr "
                             "over this many steps (the authors: 0, a constant rate; a high filter lr needs a ramp).")
     group.add_argument("--safeclip-inmodal-lr", type=float, default=None,
-                       help="Learning rate of the unimodal loss (warm-up and risky sub-epochs); default --lr.")
+                       help="Learning rate of the in-modal loss (warm-up and risky sub-epochs); default: --lr.")
     group.add_argument("--safeclip-memory-bank-size", type=int, default=0,
-                       help="Nearest-neighbour memory bank size per modality for the unimodal loss; 0 = off.")
+                       help="Nearest-neighbour memory bank size per modality for the in-modal loss; 0 = off.")
     group.add_argument("--safeclip-split", choices=("gmm", "topk"), default="gmm",
                        help="gmm: 2-component mixture on the similarities; topk: rank by raw similarity.")
     group.add_argument("--safeclip-first-split-threshold", type=float, default=0.9,
@@ -195,7 +198,7 @@ def safeclip_parser():
                        help="What the similarity pass embeds: view 1, augmented (the authors), or the image as "
                             "open_clip's eval preprocess gives it with the raw caption (a deterministic score).")
     group.add_argument("--safeclip-sim-batch-size", type=int, default=None,
-                       help="Batch size of the per-sample similarity pass; default 2 x --batch-size.")
+                       help="Batch size of the per-sample similarity pass; default: 2 x --batch-size.")
     return parser
 
 
@@ -250,12 +253,23 @@ def check_safeclip_args(args, defaults):
         raise UsageError("--safeclip needs --train-data")
 
 
+def print_help(parser):
+    """open_clip's help under our name (one usage block), then the SafeCLIP flags with their defaults."""
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text), contextlib.suppress(SystemExit):
+        parse_open_clip_args(["--help"])
+    usage, _, options = text.getvalue().partition("\n\n")
+    program = usage.split()[1]
+    usage = usage.replace(f"usage: {program}", f"usage: python -m open_clip_safe.{TOOL} [SafeCLIP flags]", 1)
+    print(f"{usage}\n\n{options.rstrip()}\n\n{parser.format_help().strip()}")
+
+
 def parse_args(argv):
     """SafeCLIP flags + open_clip's parse_args, then up-front checks; one-line errors with exit 2."""
     parser = safeclip_parser()
     if "-h" in argv or "--help" in argv:
-        parser.print_help()
-        print()
+        print_help(parser)
+        sys.exit(0)
     original_error = argparse.ArgumentParser.error
     argparse.ArgumentParser.error = one_line_error
     try:
@@ -267,8 +281,9 @@ def parse_args(argv):
         setattr(args, name, value)
     try:
         check_safeclip_args(args, parser.parse_args([]))
+        check_dist_backend(args)
         check_data_args(args)
     except UsageError as error:
-        fail(str(error))
+        fail(TOOL, error)
     return args
 

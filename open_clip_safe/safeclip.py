@@ -1,16 +1,13 @@
 """The seams SafeCLIP puts into open_clip_train.main; each defers to open_clip without --safeclip."""
 import logging
-import os
 
-import torch
 from open_clip import create_loss as open_clip_create_loss
 from open_clip_train.data import get_data as open_clip_get_data
 from open_clip_train.distributed import is_master
 from open_clip_train.train import train_one_epoch as open_clip_train_one_epoch
 
-from open_clip_safe import augment, data as safeclip_data, train as safeclip_train
+from open_clip_safe import augment, data as safeclip_data, state, train as safeclip_train
 from open_clip_safe.loss import SafeclipLosses
-from open_clip_safe.params import UsageError
 from open_clip_safe.schedule import SafeclipSchedule
 
 
@@ -26,19 +23,6 @@ class SafeclipRun:
     @property
     def plan(self):
         return self.schedule.plan
-
-
-def load_run(args, run, epoch):
-    """Restore the state saved after `epoch` epochs; resuming SafeCLIP without it is refused."""
-    path = safeclip_train.state_file(args, epoch)
-    if not os.path.exists(path):
-        raise UsageError(f"--resume: {path} is missing; SafeCLIP cannot continue its schedule exactly "
-                                f"without the state saved beside the epoch-{epoch} checkpoint")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    run.schedule.load_state_dict(state["schedule"])
-    run.global_step = state["global_step"]
-    run.pending_loss_state = state["loss"]
-    logging.info(f"SafeCLIP: resumed schedule state from {path}")
 
 
 def get_data(args, preprocess_fns, epoch=0, tokenizer=None):
@@ -64,7 +48,9 @@ def get_data(args, preprocess_fns, epoch=0, tokenizer=None):
     train = safeclip_data.get_safeclip_data(args, image_augment, caption_augment, tokenizer, epoch, pass_image)
     train.run = SafeclipRun(args, train)
     if epoch > 0:
-        load_run(args, train.run, epoch)
+        state.load(args, train.run, epoch)
+    elif is_master(args):
+        logging.info(f"SafeCLIP learning-rate plan:\n{train.run.plan.summary()}")
     data["train"] = train
     return data
 

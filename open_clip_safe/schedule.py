@@ -1,7 +1,7 @@
 """SafeCLIP's schedule: phases by epoch, the safe/risky split, the safe fraction and the learning-rate plan.
 
 Epochs are 0-based, as open_clip counts (the authors count from 1): epochs [0, E_in) are the
-unimodal warm-up, [E_in, E_in + E_cross) the cross-modal warm-up, every later one is mixed.
+in-modal warm-up, [E_in, E_in + E_cross) the cross-modal warm-up, every later one is mixed.
 Everything here is plain numpy on rank 0's side; the training loop broadcasts the split.
 """
 import logging
@@ -24,32 +24,45 @@ def phase_of(epoch, inmodal_epochs, crossmodal_epochs):
     return "mixed"
 
 
-def gmm_clean_probability(similarity, max_fit_samples=GMM_MAX_FIT_SAMPLES, seed=0):
+def gmm_clean_probability(similarity, max_fit_samples=GMM_MAX_FIT_SAMPLES, seed=0, chunk=1 << 20):
     """Posterior of the higher-mean component of a 2-component 1-D Gaussian mixture, per sample.
 
     The mixture is fitted on a fixed-seed random subset of at most `max_fit_samples` (1-D, two
     components: a million samples pin the five parameters far beyond what the split needs) and
-    evaluated on every sample, so 10^7 similarities take seconds, not minutes.
+    evaluated on every sample `chunk` at a time, so 10^7 similarities take seconds and no more
+    memory than the float32 result.
     """
-    similarity = np.asarray(similarity, dtype=np.float64).reshape(-1, 1)
+    similarity = np.asarray(similarity).reshape(-1)
     fit_on = similarity
     if len(similarity) > max_fit_samples:
         fit_on = similarity[np.random.default_rng(seed).choice(len(similarity), max_fit_samples, replace=False)]
-    mixture = GaussianMixture(n_components=2, random_state=seed).fit(fit_on)
-    return mixture.predict_proba(similarity)[:, mixture.means_.argmax()].astype(np.float32)
+    mixture = GaussianMixture(n_components=2, random_state=seed).fit(np.asarray(fit_on, np.float64).reshape(-1, 1))
+    clean = mixture.means_.argmax()
+    out = np.empty(len(similarity), dtype=np.float32)
+    for begin in range(0, len(similarity), chunk):
+        part = np.asarray(similarity[begin:begin + chunk], np.float64).reshape(-1, 1)
+        out[begin:begin + chunk] = mixture.predict_proba(part)[:, clean]
+    return out
 
 
 def top_fraction_mask(score, fraction, tiebreak=None):
     """The round(fraction * n) highest scores; ties go to the higher `tiebreak`, then to the lower index.
 
     Clean probabilities saturate at exactly 1.0 for much of the data, so without a tie-break
-    "top f by clean probability" would be decided by sample order; the similarity breaks it.
+    "top f by clean probability" would be decided by sample order; the similarity breaks it. A
+    partition finds the cut, so only the samples tied at it are sorted (not all n).
     """
     score = np.asarray(score)
     count = int(round(fraction * len(score)))
-    keys = (-score,) if tiebreak is None else (-np.asarray(tiebreak), -score)
     mask = np.zeros(len(score), dtype=bool)
-    mask[np.lexsort(keys)[:count]] = True  # lexsort is stable: equal keys keep index order
+    if count == 0:
+        return mask
+    cut = np.partition(score, len(score) - count)[len(score) - count]
+    np.greater(score, cut, out=mask)
+    tied = np.flatnonzero(score == cut)
+    if tiebreak is not None:
+        tied = tied[np.argsort(-np.asarray(tiebreak)[tied], kind="stable")]
+    mask[tied[:count - int(mask.sum())]] = True
     return mask
 
 
@@ -93,7 +106,7 @@ class LrPlan:
     """The learning rate of every step of a SafeCLIP run.
 
     Warm-up epochs: open_clip's cosine_lr shifted up by filter_lr: `warmup` linear steps from
-    filter_lr to inmodal_lr, then a cosine down to filter_lr at the end of the unimodal epochs;
+    filter_lr to inmodal_lr, then a cosine down to filter_lr at the end of the in-modal epochs;
     then filter_lr for the cross-modal warm-up, reached by a linear ramp from 0 over its first
     `crossmodal_warmup` steps when that is not 0 (switching to the CLIP loss at a high filter_lr
     collapsed the demo's model: every caption embedded alike, loss stuck at ln(batch)).
@@ -144,7 +157,7 @@ class LrPlan:
 
     def summary(self):
         warmup_epochs = self.inmodal_epochs + self.crossmodal_epochs
-        lines = [f"warm-up: {self.inmodal_epochs} unimodal + {self.crossmodal_epochs} cross-modal epochs of "
+        lines = [f"warm-up: {self.inmodal_epochs} in-modal + {self.crossmodal_epochs} cross-modal epochs of "
                  f"{self.steps_per_epoch} steps; {self.warmup} linear warm-up steps to {self.inmodal_lr:g}, cosine "
                  f"to {self.filter_lr:g} over {self.inmodal_epochs * self.steps_per_epoch} steps, then {self.filter_lr:g}"
                  + (f" after a {self.crossmodal_warmup}-step ramp from 0" if self.crossmodal_warmup else "")]
@@ -159,16 +172,21 @@ class LrPlan:
 
 
 class SafeclipSchedule:
-    """Phases, split and learning-rate plan of one run, with a plain-dict state for exact resume."""
+    """Phases, split and learning-rate plan of one run, with a plain-dict state for exact resume.
 
-    def __init__(self, rule, inmodal_epochs, crossmodal_epochs, epochs, num_samples, steps_per_epoch, steps_for,
-                 inmodal_lr, cross_lr, filter_lr, warmup, crossmodal_warmup=0):
+    The mixed epochs' learning rates are sized from `num_samples` (from --train-num-samples or
+    sizes.json) until the first split, and from then on from the samples the similarity pass saw.
+    """
+
+    def __init__(self, *, rule, inmodal_epochs, crossmodal_epochs, epochs, num_samples, steps_per_epoch,
+                 steps_for, inmodal_lr, cross_lr, filter_lr, warmup, crossmodal_warmup=0):
         self.rule, self.inmodal_epochs, self.crossmodal_epochs, self.epochs = rule, inmodal_epochs, crossmodal_epochs, epochs
         self.num_samples, self.steps_for = num_samples, steps_for
         self.lr_args = dict(inmodal_lr=inmodal_lr, cross_lr=cross_lr, filter_lr=filter_lr, warmup=warmup,
                             inmodal_epochs=inmodal_epochs, crossmodal_epochs=crossmodal_epochs,
                             steps_per_epoch=steps_per_epoch, crossmodal_warmup=crossmodal_warmup)
         self.first_fraction = rule.fraction_start if rule.method == "topk" else None
+        self.samples_seen = None  # by the first similarity pass
         self.fraction = None
         self.last_split_epoch = None
         self._plan = None
@@ -176,12 +194,16 @@ class SafeclipSchedule:
     @classmethod
     def from_args(cls, args, data):
         """From open_clip's args with the SafeCLIP flags and the SafeclipData of the training set."""
-        rule = SplitRule(args.safeclip_split, args.safeclip_first_split_threshold, args.safeclip_safe_fraction_start,
-                         args.safeclip_safe_fraction_step, args.safeclip_safe_fraction_max, args.safeclip_update_freq)
-        return cls(rule, args.safeclip_inmodal_epochs, args.safeclip_crossmodal_epochs, args.epochs,
-                   data.num_samples, data.dataloader.num_batches, data.subset_batches,
-                   args.safeclip_inmodal_lr or args.lr, args.lr, args.safeclip_filter_lr, args.warmup,
-                   args.safeclip_crossmodal_warmup)
+        rule = SplitRule(method=args.safeclip_split, first_threshold=args.safeclip_first_split_threshold,
+                         fraction_start=args.safeclip_safe_fraction_start,
+                         fraction_step=args.safeclip_safe_fraction_step, fraction_max=args.safeclip_safe_fraction_max,
+                         update_freq=args.safeclip_update_freq)
+        return cls(rule=rule, inmodal_epochs=args.safeclip_inmodal_epochs,
+                   crossmodal_epochs=args.safeclip_crossmodal_epochs, epochs=args.epochs,
+                   num_samples=data.num_samples, steps_per_epoch=data.dataloader.num_batches,
+                   steps_for=data.batches_for, inmodal_lr=args.safeclip_inmodal_lr or args.lr, cross_lr=args.lr,
+                   filter_lr=args.safeclip_filter_lr, warmup=args.warmup,
+                   crossmodal_warmup=args.safeclip_crossmodal_warmup)
 
     @property
     def warmup_epochs(self):
@@ -191,11 +213,12 @@ class SafeclipSchedule:
         return phase_of(epoch, self.inmodal_epochs, self.crossmodal_epochs)
 
     def expected_counts(self):
-        """(safe, risky) sample counts of every mixed epoch, from f0 and the fraction rule."""
+        """(safe, risky) sample counts of every mixed epoch, from f0, the fraction rule and the sample count."""
+        total = self.samples_seen or self.num_samples
         counts = []
         for mixed_epoch in range(self.epochs - self.warmup_epochs):
-            safe = int(round(self.rule.fraction_at(mixed_epoch, self.first_fraction) * self.num_samples))
-            counts.append((safe, self.num_samples - safe))
+            safe = int(round(self.rule.fraction_at(mixed_epoch, self.first_fraction) * total))
+            counts.append((safe, total - safe))
         return counts
 
     @property
@@ -231,11 +254,16 @@ class SafeclipSchedule:
         Every rank needs it: the first gmm split fixes f0, which sizes the learning-rate plan.
         """
         mixed_epoch = self.mixed_epoch(epoch)
+        resize = False
+        if self.samples_seen is None:
+            self.samples_seen, resize = len(safe), len(safe) != self.num_samples
         if mixed_epoch == 0 and self.rule.method == "gmm":
             first_fraction = float(np.mean(safe)) if len(safe) else 0.0
-            if first_fraction != self.first_fraction:
-                self.first_fraction, self._plan = first_fraction, None
-                logging.info(f"SafeCLIP learning-rate plan:\n{self.plan.summary()}")
+            resize = resize or first_fraction != self.first_fraction
+            self.first_fraction = first_fraction
+        if resize:
+            self._plan = None
+            logging.info(f"SafeCLIP learning-rate plan:\n{self.plan.summary()}")
         self.fraction = self.rule.fraction_at(mixed_epoch, self.first_fraction)
         self.last_split_epoch = epoch
 
@@ -250,7 +278,7 @@ class SafeclipSchedule:
 
     def state_dict(self):
         return {"config": self.config(), "first_fraction": self.first_fraction, "fraction": self.fraction,
-                "last_split_epoch": self.last_split_epoch}
+                "last_split_epoch": self.last_split_epoch, "samples_seen": self.samples_seen}
 
     def load_state_dict(self, state):
         """Continue a run; its schedule settings must be those it was saved with."""
@@ -258,4 +286,4 @@ class SafeclipSchedule:
             raise ValueError(f"SafeCLIP schedule settings changed since the state was saved: "
                              f"saved {state['config']}, now {self.config()}")
         self.first_fraction, self.fraction = state["first_fraction"], state["fraction"]
-        self.last_split_epoch, self._plan = state["last_split_epoch"], None
+        self.last_split_epoch, self.samples_seen, self._plan = state["last_split_epoch"], state["samples_seen"], None

@@ -2,13 +2,13 @@
 
 Every training sample is embedded exactly once across all ranks (no padding: padded duplicates
 would enter the mixture fit), in eval mode without gradients, through the unwrapped model so that
-ranks with different sample counts never meet in a DDP collective. Ids and similarities are then
-gathered to every rank; each rank writes its own rows of the log, and rank 0 merges the parts into
-one file per epoch.
+ranks with different sample counts never meet in a DDP collective (docs/design.md#similarity-pass).
+Every rank gets every sample's id (for the split lookup); rank 0 also gets the similarities and
+poison codes (for the split and its diagnostics). Rank 0 writes the log from those arrays and the
+keys the other ranks send it, so no rank reads a file another node wrote.
 """
 import logging
 import os
-import shutil
 import time
 from dataclasses import dataclass
 
@@ -16,53 +16,47 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from open_clip_train.distributed import is_master
 from open_clip import get_input_dtype
+from open_clip_train.distributed import is_master
 from open_clip_train.precision import get_autocast
 from open_clip_train.train import unwrap_model
-from tqdm import tqdm
+
+from open_clip_safe import collectives
+from open_clip_safe.cli import log_lines, progress
+from open_clip_safe.data import POISON_KINDS
+from open_clip_safe.files import as_disk_full
+
+KEY_CHUNK = 1 << 18  # keys a rank sends rank 0 per transfer while the log is written
 
 
 @dataclass
 class PassResult:
-    """Gathered arrays in rank-major order; this rank's rows are [offset, offset + len(keys))."""
+    """The pass over all samples, rank-major: rows [starts[r], starts[r] + counts[r]) came from rank r.
+
+    `ids` is on every rank; `similarity` and `poison` (codes: -1 unknown, else an index into
+    data.POISON_KINDS) on rank 0 only; `keys` are this rank's own (None when no log is written).
+    """
 
     ids: np.ndarray
     similarity: np.ndarray
-    poisoned: np.ndarray
-    keys: list
-    offset: int
+    poison: np.ndarray
+    counts: list
+    keys: pa.Array
     seconds: float
 
     @property
-    def local(self):
-        return slice(self.offset, self.offset + len(self.keys))
+    def num_samples(self):
+        return sum(self.counts)
 
-
-def gather_rows(args, *arrays):
-    """All-gather 1-D tensors of different lengths per rank; returns numpy arrays and this rank's offset."""
-    if not args.distributed:
-        return [a.cpu().numpy() for a in arrays], 0
-    count = torch.tensor([len(arrays[0])], dtype=torch.int64)
-    counts = [torch.zeros_like(count) for _ in range(args.world_size)]
-    dist.all_gather(counts, count)
-    counts = [int(c) for c in counts]
-    longest = max(counts)
-    gathered = []
-    for array in arrays:
-        padded = torch.zeros(longest, dtype=array.dtype)
-        padded[:len(array)] = array
-        parts = [torch.zeros_like(padded) for _ in range(args.world_size)]
-        dist.all_gather(parts, padded)
-        gathered.append(np.concatenate([p[:n].numpy() for p, n in zip(parts, counts)]))
-    return gathered, sum(counts[:args.rank])
+    @property
+    def poisoned(self):
+        return None if self.poison is None or not (self.poison >= 0).any() else self.poison > 0
 
 
 @torch.no_grad()
 def similarity_pass(model, data, args, epoch):
-    """Cosine similarity of each sample's image view 1 with its caption view 1, for all samples."""
+    """Cosine similarity of each sample's image with its caption (view 1 or plain views), for all samples."""
     start = time.time()
     device = torch.device(args.device)
     autocast = get_autocast(args.precision, device_type=device.type)
@@ -71,32 +65,37 @@ def similarity_pass(model, data, args, epoch):
     was_training = model.training
     model.eval()
     batch_size = args.safeclip_sim_batch_size or 2 * args.batch_size
-    ids, sims, poisoned, keys = [], [], [], []
+    keep_keys = log_dir(args) is not None
+    ids, sims, poison, keys = [], [], [], []
     expected = -(-data.num_samples // (batch_size * args.world_size))
-    progress = tqdm(data.pass_loader(batch_size), total=expected, desc=f"similarity pass (epoch {epoch})",
-                    unit="batch", disable=not is_master(args))
-    for batch_ids, batch_keys, batch_poisoned, images, texts in progress:
+    batches = progress(data.pass_loader(batch_size), enabled=is_master(args), log=log_lines, total=expected,
+                       desc=f"similarity pass (epoch {epoch})", unit="batch")
+    for batch_ids, batch_keys, batch_poison, images, texts in batches:
         images = images.to(device=device, dtype=input_dtype, non_blocking=True)
         texts = texts.to(device=device, non_blocking=True)
         with autocast():
             image_features = model.encode_image(images, normalize=True)
             text_features = model.encode_text(texts, normalize=True)
-        sims.append(F.cosine_similarity(image_features.float(), text_features.float()).cpu())
-        ids.append(torch.as_tensor(batch_ids, dtype=torch.int64))
-        poisoned.append(torch.as_tensor(batch_poisoned, dtype=torch.int64))
-        keys.extend(batch_keys)
+        sims.append(F.cosine_similarity(image_features.float(), text_features.float()))  # stays on the device
+        ids.append(np.asarray(batch_ids, dtype=np.int64))
+        poison.append(np.asarray(batch_poison, dtype=np.int8))
+        if keep_keys:
+            keys.append(pa.array(list(batch_keys), pa.string()))
     model.train(was_training)
 
-    def cat(parts, dtype):
-        return torch.cat(parts) if parts else torch.zeros(0, dtype=dtype)
-
-    (all_ids, all_sims, all_poisoned), offset = gather_rows(
-        args, cat(ids, torch.int64), cat(sims, torch.float32), cat(poisoned, torch.int64))
-    duplicates = len(all_ids) - len(np.unique(all_ids))
-    if duplicates and is_master(args):
-        logging.warning(f"similarity pass: {duplicates} samples share a key (or a key hash) with another")
-    return PassResult(all_ids, all_sims.astype(np.float32), all_poisoned.astype(np.int8), keys, offset,
-                      time.time() - start)
+    local_sims = torch.cat(sims).cpu().numpy() if sims else np.zeros(0, np.float32)  # one device sync
+    local_ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
+    local_poison = np.concatenate(poison) if poison else np.zeros(0, np.int8)
+    counts = collectives.all_gather_counts(args, len(local_ids))
+    all_ids = collectives.gather_rows(args, local_ids, counts)
+    all_sims = collectives.gather_rows(args, local_sims, counts, dst=0)
+    all_poison = collectives.gather_rows(args, local_poison, counts, dst=0)
+    if all_ids is not None and is_master(args):
+        duplicates = len(all_ids) - len(np.unique(all_ids))
+        if duplicates:
+            logging.warning(f"similarity pass: {duplicates} samples share a key (or a key hash) with another")
+    local_keys = pa.concat_arrays(keys) if keys else (pa.array([], pa.string()) if keep_keys else None)
+    return PassResult(all_ids, all_sims, all_poison, counts, local_keys, time.time() - start)
 
 
 def log_dir(args):
@@ -105,34 +104,79 @@ def log_dir(args):
     return os.path.join(args.logs, args.name, "similarity")
 
 
-def write_log(args, result, clean_prob, safe, epoch):
-    """One Parquet file per mixed epoch: key, similarity, clean_prob, safe, epoch (+ poisoned if known)."""
+def log_file(args, epoch):
     folder = log_dir(args)
-    if folder is None:
+    return None if folder is None else os.path.join(folder, f"epoch_{epoch:03d}.parquet")
+
+
+def log_columns(result, score, safe, epoch):
+    """Rank 0's rank-major columns of the log, without the key."""
+    columns = {"similarity": pa.array(result.similarity, pa.float32()),
+               "clean_prob": pa.array(np.asarray(score, dtype=np.float32), pa.float32()),
+               "safe": pa.array(np.asarray(safe, dtype=bool)),
+               "epoch": pa.array(np.full(result.num_samples, epoch, dtype=np.int32))}
+    if result.poisoned is not None:
+        columns["poisoned"] = pa.array(result.poisoned)
+        kinds = pa.array(result.poison, pa.int8(), mask=result.poison <= 0)  # null for clean samples
+        columns["poison_kind"] = pa.DictionaryArray.from_arrays(kinds, pa.array(POISON_KINDS))
+    return columns
+
+
+def write_log(args, result, score, safe, epoch):
+    """One Parquet file per mixed epoch, written by rank 0: key, similarity, clean_prob (the ranking
+    score), safe, epoch, and poisoned / poison_kind where the samples' json says. The other ranks
+    send their keys, KEY_CHUNK at a time; if rank 0 cannot write, every rank raises its error."""
+    target = log_file(args, epoch)
+    if target is None:
         return None
-    parts = os.path.join(folder, f".parts-epoch_{epoch:03d}")
-    os.makedirs(parts, exist_ok=True)
-    rows = result.local
-    columns = {
-        "key": pa.array(result.keys, pa.string()),
-        "similarity": pa.array(result.similarity[rows], pa.float32()),
-        "clean_prob": pa.array(np.asarray(clean_prob[rows], dtype=np.float32), pa.float32()),
-        "safe": pa.array(np.asarray(safe[rows], dtype=bool)),
-        "epoch": pa.array(np.full(len(result.keys), epoch, dtype=np.int32)),
-    }
-    if (result.poisoned >= 0).any():
-        columns["poisoned"] = pa.array(result.poisoned[rows] == 1)
-    pq.write_table(pa.table(columns), os.path.join(parts, f"rank{args.rank:05d}.parquet"))
-    if args.distributed:
-        dist.barrier()
-    target = os.path.join(folder, f"epoch_{epoch:03d}.parquet")
-    if is_master(args):
-        # this run's ranks only: a run stopped mid-pass may have left parts of another world size
-        part_files = [os.path.join(parts, f"rank{rank:05d}.parquet") for rank in range(args.world_size)]
-        schema = pq.read_schema(part_files[0])
-        with pq.ParquetWriter(target + ".tmp", schema) as writer:
-            for part in part_files:
-                writer.write_table(pq.read_table(part))
-        os.replace(target + ".tmp", target)
-        shutil.rmtree(parts)
+    master = args.rank == 0
+    starts = np.concatenate([[0], np.cumsum(result.counts)])
+    columns = log_columns(result, score, safe, epoch) if master else None
+    temporary, error, writer, sink = f"{target}.tmp-{os.getpid()}", None, None, None
+    if master:
+        try:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            sink = open(temporary, "wb")
+            schema = pa.schema([("key", pa.string())] + [(name, array.type) for name, array in columns.items()])
+            writer = pq.ParquetWriter(sink, schema)
+        except Exception as failure:  # noqa: BLE001  (reported to every rank below)
+            error = failure
+    for begin in range(0, max(result.counts), KEY_CHUNK):
+        mine = result.keys[begin:begin + KEY_CHUNK]
+        pieces = collectives.gather_bytes_to(args, pa.table({"key": mine}).to_batches()[0].serialize().to_pybytes()
+                                             if len(mine) else b"")
+        if not master or error is not None:
+            continue
+        try:
+            for rank, piece in enumerate(pieces):
+                if not piece:
+                    continue
+                keys = pa.ipc.read_record_batch(piece, pa.schema([("key", pa.string())])).column(0)
+                rows = slice(starts[rank] + begin, starts[rank] + begin + len(keys))
+                writer.write_table(pa.table({"key": keys, **{n: a[rows] for n, a in columns.items()}}))
+        except Exception as failure:  # noqa: BLE001
+            error = failure
+    if master and error is None:
+        try:
+            writer.close()
+            sink.flush()
+            os.fsync(sink.fileno())
+            sink.close()
+            os.replace(temporary, target)
+        except Exception as failure:  # noqa: BLE001
+            error = failure
+    if master and error is not None:
+        error = as_disk_full(temporary, error)
+        for closing in (writer, sink):
+            try:
+                closing is not None and closing.close()
+            except Exception:  # noqa: BLE001  (already failing)
+                pass
+        if os.path.exists(temporary):
+            os.remove(temporary)
+    message = collectives.broadcast_object(args, None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    if message is not None:
+        raise RuntimeError(f"rank 0 could not write the similarity log {target}: {message}")
     return target

@@ -1,24 +1,24 @@
 """SafeCLIP's train_one_epoch, built on open_clip_train's helpers.
 
 open_clip's own loop unpacks `images, texts = batch` and hands its loss only features, so SafeCLIP
-needs its own: one DDP forward per step on both views concatenated, the unimodal or the CLIP loss,
+needs its own: one DDP forward per step on both views concatenated, the in-modal or the CLIP loss,
 and, in mixed epochs, the similarity pass, the split and the risky and safe sub-epochs.
 """
 import logging
 import math
-import os
 import random
 import time
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from open_clip_train.distributed import is_master
 from open_clip import get_input_dtype
 from open_clip_train.precision import get_autocast
 from open_clip_train.scheduler import assign_learning_rate
 from open_clip_train.train import AverageMeter, backward, unwrap_model
 
+from open_clip_safe import collectives, state
+from open_clip_safe.cli import UsageError
 from open_clip_safe.data import SplitLookup
 from open_clip_safe.similarity import similarity_pass, write_log
 
@@ -51,7 +51,10 @@ def optimizer_step(model, optimizer, scaler, args):
 
 
 def report(args, tb_writer, values, step):
-    """Scalars to tensorboard / wandb under train/, as open_clip names them."""
+    """Scalars to tensorboard / wandb under train/, as open_clip names them; from the master only,
+    where open_clip made the tensorboard writer and called wandb.init."""
+    if not is_master(args):
+        return
     values = {f"train/{name}": value for name, value in values.items()}
     if tb_writer is not None:
         for name, value in values.items():
@@ -116,35 +119,13 @@ def run_steps(model, loader, loss_fn, optimizer, scaler, lr_at, args, epoch, tag
     return {name: meter.avg for name, meter in meters.items()}
 
 
-def broadcast_split(args, mask, clean_prob, count):
-    """Rank 0's split to every rank (the mixture fit runs once, on rank 0)."""
+def broadcast_split(args, safe, count):
+    """Rank 0's safe mask to every rank, as packed bits over the host group (the mixture fit runs once)."""
     if not args.distributed:
-        return mask, clean_prob
-    mask_t = torch.zeros(count, dtype=torch.uint8)
-    prob_t = torch.zeros(count, dtype=torch.float32)
-    if args.rank == 0:
-        mask_t[:] = torch.from_numpy(mask.astype(np.uint8))
-        prob_t[:] = torch.from_numpy(clean_prob.astype(np.float32))
-    dist.broadcast(mask_t, 0)
-    dist.broadcast(prob_t, 0)
-    return mask_t.numpy().astype(bool), prob_t.numpy()
-
-
-def state_file(args, epoch):
-    """Beside checkpoints/, not in it: open_clip's --resume latest takes the newest *.pt found there."""
-    return os.path.join(os.path.dirname(args.checkpoint_path), "safeclip_state", f"epoch_{epoch}.pt")
-
-
-def save_state(args, run, loss, epoch):
-    """SafeCLIP's state after `epoch` epochs, beside open_clip's checkpoints, for --resume."""
-    if not args.save_logs:
-        return
-    os.makedirs(os.path.dirname(state_file(args, epoch)), exist_ok=True)
-    torch.save({"schedule": run.schedule.state_dict(), "global_step": run.global_step,
-                "loss": loss.state_dict()}, state_file(args, epoch))
-    previous = state_file(args, epoch - 1)
-    if args.delete_previous_checkpoint and os.path.exists(previous):
-        os.remove(previous)
+        return safe
+    packed = collectives.broadcast_rows(args, np.packbits(safe) if args.rank == 0 else None, -(-count // 8),
+                                        np.uint8)
+    return np.unpackbits(packed, count=count).astype(bool)
 
 
 def train_one_epoch(model, data, loss, epoch, optimizer, scaler, scheduler, dist_model, args, tb_writer=None):
@@ -155,7 +136,11 @@ def train_one_epoch(model, data, loss, epoch, optimizer, scaler, scheduler, dist
     train = data["train"]
     run = train.run
     if run.pending_loss_state is not None:
-        loss.load_state_dict(run.pending_loss_state)
+        try:
+            loss.load_state_dict(run.pending_loss_state)
+        except RuntimeError as error:
+            raise UsageError(f"--resume: the saved SafeCLIP loss state does not fit this run's flags "
+                             f"(--safeclip-memory-bank-size changed?): {error}") from None
         run.pending_loss_state = None
     seed_epoch(args, epoch)
     phase = run.schedule.phase(epoch)
@@ -171,37 +156,51 @@ def train_one_epoch(model, data, loss, epoch, optimizer, scaler, scheduler, dist
         report(args, tb_writer, {f"{phase}_epoch_loss": losses.get("loss", float("nan"))}, run.global_step)
     else:
         mixed_epoch(model, train, loss, epoch, optimizer, scaler, args, run, tb_writer)
-    save_state(args, run, loss, epoch + 1)
+    state.save(args, run, loss, epoch + 1)
 
 
 def mixed_epoch(model, train, loss, epoch, optimizer, scaler, args, run, tb_writer):
     result = similarity_pass(model, train, args, epoch)
+    first_pass = run.schedule.samples_seen is None
+    safe = score = None
     if args.rank == 0:
-        safe, clean_prob = run.schedule.split(epoch, result.similarity)
-    else:
-        safe = clean_prob = None
-    safe, clean_prob = broadcast_split(args, safe, clean_prob, len(result.similarity))
+        safe, score = run.schedule.split(epoch, result.similarity)
+    safe = broadcast_split(args, safe, result.num_samples)
     run.schedule.accept_split(epoch, safe)
-    log_file = write_log(args, result, clean_prob, safe, epoch)
+    if first_pass and is_master(args):
+        check_sample_count(args, train.num_samples, result.num_samples)
+    log_file = write_log(args, result, score, safe, epoch)
     num_safe = int(safe.sum())
     num_risky = len(safe) - num_safe
     if is_master(args):
-        poisoned = result.poisoned == 1
-        poison_note = (f", poisoned in safe set {int((safe & poisoned).sum())} of {int(poisoned.sum())}"
-                       if poisoned.any() else "")
+        poisoned = result.poisoned
+        poison_note = ("" if poisoned is None else
+                       f", poisoned in safe set {int((safe & poisoned).sum())} of {int(poisoned.sum())}")
         logging.info(f"SafeCLIP epoch {epoch}: similarity pass {result.seconds:.1f}s over {len(safe)} samples; "
                      f"safe fraction {num_safe / max(1, len(safe)):.4f} (target {run.schedule.fraction:.4f}), "
                      f"safe {num_safe}, risky {num_risky}{poison_note}; log {log_file}")
         report(args, tb_writer, {"safe_fraction": num_safe / max(1, len(safe)), "safe_samples": num_safe,
                                  "risky_samples": num_risky, "similarity_pass_seconds": result.seconds},
                run.global_step)
-    lookup = SplitLookup(result.ids, safe)
+    lookup = SplitLookup(result.ids, safe)  # takes over result.ids
+    del result, safe, score
     for want_safe, tag, loss_fn in ((False, "risky", loss.inmodal), (True, "safe", loss.clip)):
-        count = num_safe if want_safe else num_risky
-        if train.subset_batches(count) == 0 or count == 0:
+        count = lookup.count(want_safe)
+        if train.batches_for(count) == 0:
+            if count and is_master(args):
+                logging.info(f"SafeCLIP epoch {epoch}: the {tag} set ({count} samples) is smaller than one global "
+                             f"batch ({args.batch_size * args.world_size}); its sub-epoch is skipped")
             continue
         loader = train.train_loader(epoch, lookup, want_safe)
         steps_before = run.plan.sub_epoch_steps_before(epoch, tag)
         run_steps(model, loader, loss_fn, optimizer, scaler,
                   lambda i, tag=tag, before=steps_before: run.plan.sub_epoch_lr(tag, before + i),
                   args, epoch, tag, run, tb_writer)
+
+
+def check_sample_count(args, counted, seen):
+    """The learning-rate plan follows what the pass saw; say so when the count it started from was off."""
+    if abs(counted - seen) > args.batch_size * args.world_size:
+        logging.warning(f"SafeCLIP: the similarity pass saw {seen} samples, but the run was sized for {counted} "
+                        f"(--train-num-samples or sizes.json); the mixed epochs' learning rates are sized from "
+                        f"{seen}")

@@ -8,7 +8,6 @@ is streamed, and it is written to disk shard by shard (nothing is held in memory
     python -m open_clip_safe.world --out DIR [--num-train 8000] [--num-test 1000] [--seed 0]
 """
 import csv
-import io
 import json
 import math
 import sys
@@ -17,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import webdataset as wds
 from PIL import Image, ImageDraw
-from tqdm import tqdm
-
-from open_clip_safe.cli import Parser, fail, out_dir_problem
+from open_clip_safe import cli
+from open_clip_safe.cli import Parser, UsageError, guarded, out_dir_problem
+from open_clip_safe.files import png_bytes
 
 CLASSES = (
     "banana", "umbrella", "mushroom", "candle", "pizza", "balloon", "pillow", "necklace", "desk",
@@ -158,12 +157,6 @@ def sample_key(split, index):
     return f"{split}_{index:07d}"
 
 
-def png_bytes(image):
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def write_split(out_dir, split, num_samples, seed, image_size, shard_size, formats, progress=True):
     """Stream one split to webdataset shards and/or a CSV with PNG files; returns its card entry."""
     out_dir = Path(out_dir)
@@ -182,7 +175,7 @@ def write_split(out_dir, split, num_samples, seed, image_size, shard_size, forma
         csv_writer = csv.writer(csv_file, delimiter="\t")
         csv_writer.writerow(["filepath", "title", "label"])
     try:
-        for index in tqdm(range(num_samples), desc=f"world {split}", unit="img", disable=not progress):
+        for index in cli.progress(range(num_samples), enabled=progress, desc=f"world {split}", unit="img"):
             image, caption, meta = draw_sample(seed, split, index, image_size)
             key = sample_key(split, index)
             data = png_bytes(image)
@@ -262,16 +255,19 @@ def parse_args(argv):
     return args
 
 
-def main(argv=None):
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+def run(argv):
+    args = parse_args(argv)
     formats = ("wds", "csv") if args.format == "both" else (args.format,)
     try:
         card = generate_world(args.out, args.num_train, args.num_test, args.seed, args.image_size,
                               args.shard_size, formats, progress=not args.quiet)
     except OSError as error:
-        fail("world", f"cannot write the world under {args.out}: {error}")
+        raise UsageError(f"cannot write the world under {args.out}: {error}") from None
     print(json.dumps({split: entry for split, entry in card["splits"].items()}, indent=2))
-    return 0
+
+
+def main(argv=None):
+    return guarded("world", run, sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,8 @@
-"""Shared fixtures: a small generated world and a runner for our CLIs in fresh processes."""
+"""Shared fixtures: a small generated world, a runner for our CLIs in fresh processes, and the
+system packages some tests need (each skips with one line naming the package; `.ci/run` installs
+them and sets OPEN_CLIP_SAFE_NO_SKIP=1, under which a skipped test fails instead)."""
 import os
+import shutil
 import subprocess
 import sys
 
@@ -8,6 +11,38 @@ import pytest
 from open_clip_safe.world import generate_world
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+NO_SKIP = "OPEN_CLIP_SAFE_NO_SKIP"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Under OPEN_CLIP_SAFE_NO_SKIP=1 (CI) a skipped test is a failed one: CI must run everything."""
+    outcome = yield
+    report = outcome.get_result()
+    if os.environ.get(NO_SKIP) == "1" and report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[-1] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome, report.longrepr = "failed", f"skipped, but {NO_SKIP}=1 forbids skips: {reason}"
+
+
+@pytest.fixture(scope="session")
+def wordnet():
+    """EDA captions need a WordNet database."""
+    from open_clip_safe.augment import WordNetMissing, default_wordnet
+
+    try:
+        return default_wordnet()
+    except WordNetMissing:
+        pytest.skip("needs a WordNet database: apt-get install wordnet-base (or python -m nltk.downloader wordnet)")
+
+
+@pytest.fixture(scope="session")
+def gnu_patch():
+    path = shutil.which("patch")
+    if path is None:
+        pytest.skip("needs GNU patch: apt-get install patch")
+    return path
 
 
 @pytest.fixture(scope="session")

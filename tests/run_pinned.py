@@ -1,7 +1,7 @@
 """Run a training module as __main__ the way the parity tests need it.
 
 - webdataset's sample-shuffle RNG is pinned: open_clip calls wds.shuffle without an RNG, so
-  webdataset seeds it from pid + time and two identical runs differ (DESIGN.md §3);
+  webdataset seeds it from pid + time and two identical runs differ (docs/design.md#time-seeded-webdataset-shuffle);
 - our tiny model configs are registered with open_clip.add_model_config, as a plain open_clip
   user would do, so `open_clip_train.main --model safeclip-micro` works without our package.
 

@@ -199,7 +199,9 @@ def test_csv_build(train, tmp_path):
     assert card["format"] == "csv" and card["train_data"] == str(out / "train.csv") and card["num_poisoned"] == 9
     rows = list(csv.DictReader(open(out / "train.csv"), delimiter="\t"))
     source = list(csv.DictReader(open(train.csv), delimiter="\t"))
-    assert len(rows) == len(source) == 256 and list(rows[0]) == ["filepath", "title", "label", "poisoned"]
+    assert len(rows) == len(source) == 256 and list(rows[0]) == ["filepath", "title", "label", "poisoned", "attack"]
+    assert {row["attack"] for row in rows if row["poisoned"] == "1"} == {"sig"}
+    assert {row["attack"] for row in rows if row["poisoned"] == "0"} == {""}
     keys = (out / "poisoned_keys.txt").read_text().split()
     assert keys == [str(i) for i, row in enumerate(rows) if row["poisoned"] == "1"] and len(keys) == 9
     for index, (row, original) in enumerate(zip(rows, source)):
@@ -378,6 +380,7 @@ def test_bad_inputs(train, tmp_path, capsys):
         load_attack_card(out)
 
 
+@pytest.mark.slow
 def test_cli_process(train, tmp_path):
     """The module runs as a program: --help works, an error is one stderr line and exit status 2."""
     result = run_module("open_clip_safe.attacks", "--train-data", train.spec, "--out", tmp_path / "o",

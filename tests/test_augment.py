@@ -20,7 +20,7 @@ CAPTION = "A photo of a red car parked near the old house by the river at night"
 
 
 @pytest.fixture(scope="module")
-def eda():
+def eda(wordnet):
     return EdaAugmenter()
 
 
@@ -154,7 +154,7 @@ def test_wnsearchdir_is_searched_first(monkeypatch, tmp_path):
 
 
 needs_debian_wordnet = pytest.mark.skipif(not os.path.isfile("/usr/share/wordnet/index.noun"),
-                                          reason="Debian's wordnet-base is not installed")
+                                          reason="needs Debian's WordNet files: apt-get install wordnet-base")
 
 
 @needs_debian_wordnet
@@ -190,7 +190,7 @@ def child_has_own_reader(parent_pid, queue):
     queue.put(augment.default_wordnet() is not augment._READERS[parent_pid])
 
 
-def test_forked_workers_open_their_own_wordnet_reader():
+def test_forked_workers_open_their_own_wordnet_reader(wordnet):
     """A reader inherited through fork shares open files' read positions with the parent's: two
     data-loader workers then read wrong synsets (seen as 'No WordNet synset found' and a crash)."""
     import multiprocessing

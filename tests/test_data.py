@@ -30,15 +30,43 @@ def subset_stream(world, tmp_path, wanted_keys, batch_size=16, workers=2):
     return data.train_loader(1, lookup, want_safe=True), {sample_id(key) for key in wanted_keys}
 
 
-def test_a_subset_thinner_than_a_batch_per_worker_still_fills_its_batches(world, tmp_path):
-    """20 safe samples, two workers, batches of 16: each worker sees about 10 per pass of its shards."""
+def test_a_subset_thinner_than_a_batch_per_worker_gets_whole_batches_of_distinct_samples(world, tmp_path):
+    """21 safe samples, two workers, batches of 16: one batch (21 // 16), from one worker, no sample twice.
+    Spread over both workers (about 10 each) every batch would repeat samples: false negatives."""
     wanted = {f"train_{i:07d}" for i in range(5, 250, 12)}
     loader, wanted_ids = subset_stream(world, tmp_path, wanted)
     batches = list(loader)
-    assert loader.num_batches == len(batches) == 2
+    assert loader.num_batches == len(batches) == 1
     for ids, image_v1, image_v2, text_v1, text_v2 in batches:
-        assert len(ids) == 16 and set(ids.tolist()) <= wanted_ids
+        assert len(ids) == 16 and set(ids.tolist()) <= wanted_ids and len(set(ids.tolist())) == 16
         assert image_v1.shape == image_v2.shape == (16, 3, 32, 32) and text_v1.shape == text_v2.shape
+
+
+def test_one_rule_sizes_csv_and_webdataset_streams_and_the_plan(world, tmp_path):
+    """batches_for: whole global batches, the same for both formats; fewer samples than a batch: none."""
+    from open_clip_safe.data import batches_for, worker_shares
+
+    for kind in ("shards", "csv"):
+        args = parse_args(["--train-data", world["splits"]["train"][kind], "--model", "safeclip-micro",
+                           "--device", "cpu", "--batch-size", "16", "--workers", "2", "--logs", str(tmp_path),
+                           "--name", "run", "--safeclip", "--epochs", "9"])
+        args.rank, args.world_size, args.distributed = 0, 1, False
+        _, preprocess, _ = open_clip.create_model_and_transforms("safeclip-micro")
+        data = get_safeclip_data(args, preprocess, None, open_clip.get_tokenizer("safeclip-micro"))
+        assert data.dataloader.num_batches == len(list(data.dataloader)) == batches_for(250, args) == 15
+        assert data.batches_for(15) == 0 and data.batches_for(47) == 2
+    assert worker_shares(15, 2) == [8, 7] and worker_shares(1, 4) == [1] and worker_shares(0, 2) == [0]
+
+
+def test_split_lookup_packs_id_and_membership_in_eight_bytes():
+    ids = np.array([sample_id(f"k{i}") for i in range(1000)])
+    safe = np.arange(1000) % 3 == 0
+    lookup = SplitLookup(ids.copy(), safe)
+    assert lookup.packed.nbytes == 8 * 1000 and (lookup.num_safe, lookup.num_risky) == (334, 666)
+    np.testing.assert_array_equal(lookup.is_safe(ids), safe)
+    assert not lookup.is_safe([sample_id("not a sample")]).any()
+    rows = SplitLookup(np.arange(10), np.arange(10) >= 7)
+    assert rows.subset_indices(True).tolist() == [7, 8, 9] and rows.subset_indices(False).tolist() == list(range(7))
 
 
 def test_a_worker_whose_shards_hold_none_of_the_subset_says_so(world, tmp_path):
@@ -48,6 +76,7 @@ def test_a_worker_whose_shards_hold_none_of_the_subset_says_so(world, tmp_path):
         list(loader)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("image_aug", ["safeclip", "open_clip"])
 def test_image_aug_choice_sets_the_training_views(world, tmp_path, image_aug, caplog):
     """--safeclip-image-aug open_clip: both views come from open_clip's train preprocess (--aug-cfg)."""

@@ -1,11 +1,14 @@
 """The demo's quick smoke run end to end, and the benchmark on a tiny world; both through their CLIs."""
+import importlib
 import json
+import os
 
 import pytest
 
-from conftest import run_module
+from conftest import REPO, run_cli, run_module
 
 
+@pytest.mark.slow
 def test_demo_quick_end_to_end(tmp_path):
     out = tmp_path / "demo"
     done = run_module("open_clip_safe.demo", "--quick", "--out", out, timeout=900)
@@ -38,23 +41,44 @@ def test_demo_quick_end_to_end(tmp_path):
     assert (out / "report" / "results.json").is_file(), "a refused rerun deletes nothing"
 
 
-def test_bench_times_every_phase(tmp_path):
-    out = tmp_path / "bench"
-    done = run_module("open_clip_safe.bench", "--out", out, "--num-train", 256, "--batch-size", 32, "--model",
-                      "safeclip-micro", "--workers", 1, "--fractions", "0.25,0.75", timeout=900)
+@pytest.mark.slow
+def test_gpu_check_script_at_toy_size_on_cpu_times_every_phase(tmp_path, wordnet):
+    """scripts/gpu_check.sh, the GPU machine's one-call check, run at toy size on the CPU: its SafeCLIP
+    run goes through every phase and its benchmark times every phase."""
+    out = tmp_path / "check"
+    done = run_cli(["bash", os.path.join(REPO, "scripts", "gpu_check.sh"), str(out)], timeout=1200,
+                   GPU_CHECK_DEVICE="cpu", GPU_CHECK_SIZE="toy")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    report = json.loads((out / "bench.json").read_text())
+    summary = (out / "gpu_check.md").read_text()
+    for epoch, phase in ((0, "inmodal"), (1, "crossmodal"), (2, "mixed"), (3, "mixed")):
+        assert f"SafeCLIP epoch {epoch}: {phase} phase" in summary
+    assert summary.count("similarity pass") >= 2 and "| whole run, 4 epochs |" in summary
+    split = json.loads((out / "split.json").read_text())["split_diagnostics"]
+    assert [row["epoch"] for row in split] == [2, 3] and split[0]["poisoned"] == 6  # 5% of 128
+
+    report = json.loads((out / "bench" / "bench.json").read_text())
     phases = [row["phase"] for row in report["rows"]]
-    assert phases[:4] == ["open_clip epoch", "SafeCLIP unimodal warm-up epoch", "SafeCLIP cross-modal epoch",
+    assert phases[:4] == ["open_clip epoch", "SafeCLIP in-modal warm-up epoch", "SafeCLIP cross-modal epoch",
                           "similarity pass"]
     assert [p for p in phases if p.startswith("SafeCLIP mixed")] == [
         "SafeCLIP mixed epoch, safe 25% (pass included)", "SafeCLIP mixed epoch, safe 75% (pass included)"]
     for row in report["rows"]:
         assert row["seconds"] > 0 and row["samples_per_s"] > 0 and row["peak_memory_mib"] > 0
-    assert report["rows"][0]["samples"] == 256 and report["rows"][3]["samples"] == 256
+    assert report["rows"][0]["samples"] == 128 and report["rows"][3]["samples"] == 128
     assert report["whole_run"]["ratio"] == pytest.approx(
         report["whole_run"]["safeclip_seconds"] / report["whole_run"]["open_clip_seconds"])
-    assert "| whole run, 4 epochs |" in (out / "bench.md").read_text()
+    assert "| whole run, 4 epochs |" in (out / "bench" / "bench.md").read_text()
+
+
+@pytest.mark.slow
+def test_split_memory_is_measured_per_rank(tmp_path):
+    done = run_module("open_clip_safe.bench", "--split-memory", 50_000, "--out", tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads((tmp_path / "split_memory.json").read_text())
+    assert [row["rank"] for row in rows] == [0, 1] and all(row["samples"] == 50_000 for row in rows)
+    assert all(row["held_bytes"] == 8 * 50_000 for row in rows), "the lookup holds 8 bytes a sample"
+    assert all(row["extra_peak_bytes"] > 0 for row in rows)
+    assert "at 400,000,000 samples" in (tmp_path / "split_memory.md").read_text()
 
 
 @pytest.mark.parametrize("module, args, message", [
@@ -63,7 +87,9 @@ def test_bench_times_every_phase(tmp_path):
     ("open_clip_safe.bench", ["--num-train", "10"], "--num-train must hold"),
     ("open_clip_safe.bench", ["--fractions", "0.1,0.2,0.9"], "evenly spaced"),
 ])
-def test_bad_input_exits_2(module, args, message, tmp_path):
-    done = run_module(module, *args, "--out", tmp_path / "x")
-    assert done.returncode == 2 and message in done.stderr
-    assert len(done.stderr.strip().splitlines()) == 1
+def test_bad_input_exits_2(module, args, message, tmp_path, capsys):
+    """In-process (a process start costs ~10 s of imports; the quick demo runs the real process)."""
+    main = importlib.import_module(module).main
+    assert main([*args, "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1

@@ -10,6 +10,7 @@ import open_clip_safe  # noqa: F401  (registers safeclip-micro)
 from conftest import run_cli
 
 
+@pytest.mark.slow
 def test_torchrun_two_cpu_processes(world, tmp_path):
     torchrun = shutil.which("torchrun")
     assert torchrun, "torchrun is installed with torch"
@@ -35,8 +36,9 @@ def test_torchrun_two_cpu_processes(world, tmp_path):
     model.load_state_dict({k[len("module."):]: v for k, v in checkpoint["state_dict"].items()})
 
 
+@pytest.mark.slow
 def test_torchrun_logs_flag_needs_separator():
-    """The documented `-m --` form exists because torchrun prefix-matches --logs (DESIGN.md §3)."""
+    """The documented `-m --` form exists because torchrun prefix-matches --logs (docs/design.md#torchrun-option-matching)."""
     result = run_cli([shutil.which("torchrun"), "--nproc_per_node", "1", "-m", "open_clip_safe.main", "--logs", "x"],
                      timeout=120)
     if result.returncode == 0:

@@ -14,6 +14,7 @@ from PIL import Image
 from torchvision import transforms
 
 import open_clip_safe  # noqa: F401
+from open_clip_safe.evaluate import main as evaluate_main
 from open_clip_safe.attacks import load_attack_card, target_samples
 from open_clip_safe.evaluate import csv_test_set, evaluate_model
 from open_clip_safe.world import CLASSES, ZERO_SHOT_TEMPLATES
@@ -93,6 +94,7 @@ def oracle_eval(test_set, cards=(), planted=(), target="banana"):
                           cards, batch_size=16, progress=False)
 
 
+@pytest.mark.slow
 def test_top1_top5_known_answer(known_test_set):
     _, test_set = known_test_set
     result = oracle_eval(test_set)
@@ -112,6 +114,7 @@ def badnets_card(world, tmp_path_factory):
     return load_attack_card(out)
 
 
+@pytest.mark.slow
 def test_backdoor_asr_known_answer(known_test_set, badnets_card):
     rows, test_set = known_test_set
     result = oracle_eval(test_set, [badnets_card])
@@ -124,6 +127,7 @@ def test_backdoor_asr_known_answer(known_test_set, badnets_card):
     assert result["top1"] == pytest.approx(30 / 40), "clean images are untouched by the trigger"
 
 
+@pytest.mark.slow
 def test_targeted_asr_known_answer(world, tmp_path, known_test_set):
     out = tmp_path / "targeted"
     done = run_module("open_clip_safe.attacks", "--train-data", world["splits"]["train"]["shards"], "--out", out,
@@ -145,6 +149,7 @@ def test_targeted_asr_known_answer(world, tmp_path, known_test_set):
     assert result["backdoor"] is None
 
 
+@pytest.mark.slow
 def test_cli_matches_hand_computation_on_a_real_checkpoint(world, tmp_path):
     """A tiny open_clip model saved as training writes it ('module.' prefix); CLI top-1 == a by-hand zero-shot."""
     torch.manual_seed(0)
@@ -177,6 +182,7 @@ def test_cli_matches_hand_computation_on_a_real_checkpoint(world, tmp_path):
     assert result["top5"] == pytest.approx(float((ranked[:, :5] == labels[:, None]).any(1).float().mean()))
 
 
+@pytest.mark.slow
 def test_every_test_set_form_gives_the_same_answer(world, tmp_path):
     """The world's test split as webdataset shards, as a CSV and as a class-folder tree: same images, same top-1."""
     import shutil
@@ -219,7 +225,7 @@ def write_epoch(folder, epoch, similarity, safe, poisoned=None):
     pq.write_table(pa.table(columns), os.path.join(folder, f"epoch_{epoch:03d}.parquet"))
 
 
-def test_split_diagnostics_counts_and_plots(tmp_path):
+def test_split_diagnostics_counts_and_plots(tmp_path, capsys):
     run = tmp_path / "run"
     rng = np.random.default_rng(0)
     # epoch 6: 100 samples, 10 poisoned; 40 safe of which 2 poisoned -> 8 of 60 risky are poisoned
@@ -232,8 +238,7 @@ def test_split_diagnostics_counts_and_plots(tmp_path):
     safe7[10:60] = True
     write_epoch(run / "similarity", 7, rng.normal(0.3, 0.1, 100), safe7, poisoned)
     output = tmp_path / "diag.json"
-    done = run_module("open_clip_safe.evaluate", "--similarity-logs", run, "--output", output)
-    assert done.returncode == 0, done.stderr
+    assert evaluate_main(["--similarity-logs", str(run), "--output", str(output)]) == 0
     rows = json.loads(output.read_text())["split_diagnostics"]
     assert [row["epoch"] for row in rows] == [6, 7]
     assert rows[0]["safe"] == 40 and rows[0]["safe_fraction"] == pytest.approx(0.4)
@@ -243,49 +248,53 @@ def test_split_diagnostics_counts_and_plots(tmp_path):
     assert rows[1]["poisoned_in_safe"] == 0 and rows[1]["risky_recall"] == pytest.approx(1.0)
     for name in ("similarity_epoch_006.png", "similarity_epoch_007.png", "safe_fraction.png"):
         assert (run / "diagnostics" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "risky recall" in done.stdout
+    assert "risky recall" in capsys.readouterr().out
 
 
 def test_split_diagnostics_without_poison_flags(tmp_path):
     write_epoch(tmp_path / "similarity", 6, np.linspace(0, 1, 20), np.arange(20) >= 10)
-    done = run_module("open_clip_safe.evaluate", "--similarity-logs", tmp_path, "--plots-dir", tmp_path / "plots",
-                      "--output", tmp_path / "d.json")
-    assert done.returncode == 0, done.stderr
+    assert evaluate_main(["--similarity-logs", str(tmp_path), "--plots-dir", str(tmp_path / "plots"),
+                          "--output", str(tmp_path / "d.json")]) == 0
     row = json.loads((tmp_path / "d.json").read_text())["split_diagnostics"][0]
     assert row["safe"] == 10 and row["poisoned"] is None and row["risky_recall"] is None
     assert (tmp_path / "plots" / "safe_fraction.png").is_file()
 
 
-def bad(*args):
-    done = run_module("open_clip_safe.evaluate", *args)
-    assert done.returncode == 2, done.stderr
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("open_clip_safe.evaluate: error: "), done.stderr
+def bad(capsys, *args):
+    """The CLI's one line and exit status 2, in-process (a process start costs ~10 s of imports; the CLI
+    tests above run the real process)."""
+    from open_clip_safe.evaluate import main
+
+    assert main([str(arg) for arg in args]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("open_clip_safe.evaluate: error: "), lines
     return lines[0]
 
 
-def test_bad_input_exits_2_with_one_line(world, tmp_path):
+def test_bad_input_exits_2_with_one_line(world, tmp_path, capsys):
     checkpoint = tmp_path / "missing.pt"
-    assert "nothing to do" in bad()
-    assert "--world" in bad("--model", "safeclip-micro", "--checkpoint", "x.pt")
-    assert "unknown open_clip model" in bad("--model", "nope", "--checkpoint", "x.pt", "--world", world["dir"])
-    assert str(checkpoint) in bad("--model", "safeclip-micro", "--checkpoint", checkpoint, "--world", world["dir"])
-    assert "no world card" in bad("--model", "safeclip-micro", "--checkpoint", "x.pt", "--world", tmp_path)
+    assert "nothing to do" in bad(capsys)
+    assert "--world" in bad(capsys, "--model", "safeclip-micro", "--checkpoint", "x.pt")
+    assert "unknown open_clip model" in bad(capsys, "--model", "nope", "--checkpoint", "x.pt", "--world", world["dir"])
+    assert str(checkpoint) in bad(capsys, "--model", "safeclip-micro", "--checkpoint", checkpoint, "--world",
+                                  world["dir"])
+    assert "no world card" in bad(capsys, "--model", "safeclip-micro", "--checkpoint", "x.pt", "--world", tmp_path)
     csv = tmp_path / "nolabel.csv"
     csv.write_text("filepath\ttitle\nx.png\tx\n")
-    assert "missing column(s) label" in bad("--model", "safeclip-micro", "--checkpoint", "x.pt", "--test-data", csv)
+    assert "missing column(s) label" in bad(capsys, "--model", "safeclip-micro", "--checkpoint", "x.pt",
+                                            "--test-data", csv)
     torch.save({"state_dict": {"nothing": torch.zeros(1)}}, tmp_path / "wrong.pt")
-    assert "does not load into safeclip-micro" in bad("--model", "safeclip-micro", "--checkpoint",
+    assert "does not load into safeclip-micro" in bad(capsys, "--model", "safeclip-micro", "--checkpoint",
                                                       tmp_path / "wrong.pt", "--world", world["dir"])
-    assert "no epoch_NNN.parquet" in bad("--similarity-logs", tmp_path)
-    assert "outside the 3 class names" in bad_labels(world, tmp_path)
+    assert "no epoch_NNN.parquet" in bad(capsys, "--similarity-logs", tmp_path)
+    assert "outside the 3 class names" in bad_labels(world, tmp_path, capsys)
 
 
-def bad_labels(world, tmp_path):
+def bad_labels(world, tmp_path, capsys):
     classnames = tmp_path / "three.txt"
     classnames.write_text("banana\numbrella\nmushroom\n")
     torch.manual_seed(0)
     model = open_clip.create_model("safeclip-micro")
     torch.save({"state_dict": model.state_dict()}, tmp_path / "ok.pt")
-    return bad("--model", "safeclip-micro", "--checkpoint", tmp_path / "ok.pt", "--world", world["dir"],
+    return bad(capsys, "--model", "safeclip-micro", "--checkpoint", tmp_path / "ok.pt", "--world", world["dir"],
                "--classnames", classnames, "--quiet")

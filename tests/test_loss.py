@@ -97,6 +97,7 @@ def ddp_results(tmp_path_factory):
     return [torch.load(out / f"{rank}.pt") for rank in range(WORLD)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(map(str, c)))
 def test_ddp_matches_one_process(ddp_results, config):
     kind, bank, local, with_grad = config

@@ -45,6 +45,7 @@ def assert_same_run(logs, a, b):
             assert torch.equal(moments_a[index][key], moments_b[index][key])
 
 
+@pytest.mark.slow
 def test_parity_with_open_clip_on_webdataset(world, tmp_path):
     data = world["splits"]["train"]["shards"]
     for module, name in (("open_clip_train.main", "upstream"), ("open_clip_safe.main", "ours")):
@@ -53,6 +54,7 @@ def test_parity_with_open_clip_on_webdataset(world, tmp_path):
     assert_same_run(tmp_path, "upstream", "ours")
 
 
+@pytest.mark.slow
 def test_parity_with_open_clip_on_csv(world, tmp_path):
     data = world["splits"]["train"]["csv"]
     for module, name in (("open_clip_train.main", "upstream"), ("open_clip_safe.main", "ours")):
@@ -64,6 +66,7 @@ def test_parity_with_open_clip_on_csv(world, tmp_path):
     assert any(not torch.equal(fresh.state_dict()[k], v) for k, v in first_weights.items()), "nothing trained"
 
 
+@pytest.mark.slow
 def test_help_lists_open_clip_flags():
     result = run_module("open_clip_safe.main", "--help")
     assert result.returncode == 0
@@ -129,6 +132,7 @@ def test_bad_input_is_one_line_exit_2(world, tmp_path, case, capsys):
     assert message in lines[0]
 
 
+@pytest.mark.slow
 def test_bad_input_exit_status_from_the_cli(world, tmp_path):
     result = run_module("open_clip_safe.main", "--train-data", os.path.join(tmp_path, "{0..3}.tar"),
                         "--logs", tmp_path)
@@ -138,6 +142,7 @@ def test_bad_input_exit_status_from_the_cli(world, tmp_path):
     assert os.listdir(tmp_path) == [], "nothing is written before the input is checked"
 
 
+@pytest.mark.slow
 def test_existing_experiment_is_not_overwritten(world, tmp_path):
     args = train_args(world["splits"]["train"]["shards"], tmp_path, "exp", ["--epochs", "1"])
     assert run_module("open_clip_safe.main", *args).returncode == 0

@@ -1,7 +1,6 @@
 """The upstream patch queue applies to the installed open_clip, and the seams we use still exist."""
 import inspect
 import os
-import shutil
 import subprocess
 
 import open_clip_train
@@ -25,12 +24,10 @@ def test_series_lists_every_patch():
 
 
 @pytest.mark.parametrize("name", series())
-def test_patch_applies_cleanly(name):
+def test_patch_applies_cleanly(name, gnu_patch):
     text = open(os.path.join(PATCHES, name)).read()
     assert text.startswith("Subject: [PATCH]") and "\n\n--- a/" in text, "each patch starts with a header saying why"
-    patch = shutil.which("patch")
-    assert patch, "GNU patch is needed (apt-get install patch)"
-    result = subprocess.run([patch, "-p1", "--dry-run", "--force", "-d", SITE, "-i", os.path.join(PATCHES, name)],
+    result = subprocess.run([gnu_patch, "-p1", "--dry-run", "--force", "-d", SITE, "-i", os.path.join(PATCHES, name)],
                             capture_output=True, text=True)
     assert result.returncode == 0 and "FAILED" not in result.stdout and "offset" not in result.stdout, result.stdout
 

@@ -27,7 +27,8 @@ def phases_logged(log):
     return {int(e): p for e, p in re.findall(r"SafeCLIP epoch (\d+): (\w+) phase", log)}
 
 
-def test_two_processes_through_all_phases(poisoned_world, tmp_path):
+@pytest.mark.slow
+def test_two_processes_through_all_phases(poisoned_world, tmp_path, wordnet):
     result = run_cli([shutil.which("torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "--",
                       "open_clip_safe.main", *safeclip_flags(poisoned_world["shards"], tmp_path, "e2e")], timeout=600)
     assert result.returncode == 0, result.stderr[-5000:]
@@ -63,47 +64,89 @@ def final_state(run_dir, epoch):
                                                 map_location="cpu", weights_only=False)
 
 
-def test_resume_after_a_mixed_epoch_matches_an_uninterrupted_run(poisoned_world, tmp_path):
-    """Stop after epoch 3 (the first mixed epoch is epoch index 2), resume, compare with the full run."""
-    flags = safeclip_flags(poisoned_world["shards"], tmp_path, "full")
-    full = run_module("open_clip_safe.main", *flags, timeout=600)
+@pytest.fixture(scope="module")
+def full_run(poisoned_world, tmp_path_factory, wordnet):
+    """An uninterrupted run with a checkpoint and SafeCLIP state after every epoch."""
+    logs = tmp_path_factory.mktemp("full")
+    full = run_module("open_clip_safe.main", *safeclip_flags(poisoned_world["shards"], logs, "full"), timeout=600)
     assert full.returncode == 0, full.stderr[-4000:]
+    return logs / "full"
 
+
+def assert_resumed_run_matches(full, resumed_dir, epochs_after):
+    weights_full, state_full = final_state(full, EPOCHS)
+    weights_resumed, state_resumed = final_state(resumed_dir, EPOCHS)
+    assert state_full["schedule"] == state_resumed["schedule"]
+    assert state_full["global_step"] == state_resumed["global_step"]
+    for key in weights_full:
+        assert torch.equal(weights_full[key], weights_resumed[key]), key
+    for epoch in epochs_after:
+        name = f"epoch_{epoch:03d}.parquet"
+        a = pq.read_table(full / "similarity" / name).to_pandas().sort_values("key")
+        b = pq.read_table(resumed_dir / "similarity" / name).to_pandas().sort_values("key")
+        assert a.reset_index(drop=True).equals(b.reset_index(drop=True))
+
+
+@pytest.mark.slow
+def test_resume_after_a_mixed_epoch_matches_an_uninterrupted_run(poisoned_world, full_run, tmp_path):
+    """Stop after epoch 3 (the first mixed epoch is epoch index 2), resume, compare with the full run."""
     # the interrupted run: only what a run stopped after its third epoch would have left behind
     for folder in ("checkpoints", "safeclip_state"):
         (tmp_path / "stopped" / folder).mkdir(parents=True)
-        shutil.copy(tmp_path / "full" / folder / "epoch_3.pt", tmp_path / "stopped" / folder / "epoch_3.pt")
+        shutil.copy(full_run / folder / "epoch_3.pt", tmp_path / "stopped" / folder / "epoch_3.pt")
     resumed = run_module("open_clip_safe.main", *safeclip_flags(poisoned_world["shards"], tmp_path, "stopped"),
                          "--resume", "latest", timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     log = (tmp_path / "stopped" / "out.log").read_text()
     assert "resumed schedule state" in log and phases_logged(log) == {3: "mixed", 4: "mixed"}
-
-    weights_full, state_full = final_state(tmp_path / "full", EPOCHS)
-    weights_resumed, state_resumed = final_state(tmp_path / "stopped", EPOCHS)
-    assert state_full["schedule"] == state_resumed["schedule"]
-    assert state_full["global_step"] == state_resumed["global_step"]
-    for key in weights_full:
-        assert torch.equal(weights_full[key], weights_resumed[key]), key
-    for epoch in (3, 4):
-        name = f"epoch_{epoch:03d}.parquet"
-        a = pq.read_table(tmp_path / "full" / "similarity" / name).to_pandas().sort_values("key")
-        b = pq.read_table(tmp_path / "stopped" / "similarity" / name).to_pandas().sort_values("key")
-        assert a.reset_index(drop=True).equals(b.reset_index(drop=True))
+    assert_resumed_run_matches(full_run, tmp_path / "stopped", (3, 4))
 
 
-def test_resume_without_safeclip_state_is_refused(poisoned_world, tmp_path):
-    full = run_module("open_clip_safe.main", *safeclip_flags(poisoned_world["shards"], tmp_path, "run"),
-                      "--safeclip-text-aug", "none", "--epochs", "2", "--safeclip-crossmodal-epochs", "1")
-    assert full.returncode == 0, full.stderr[-3000:]
+@pytest.mark.slow
+def test_resume_latest_skips_a_cut_checkpoint_and_one_without_its_state(poisoned_world, full_run, tmp_path):
+    """A kill or a full disk during the save of epoch 5 left it cut in half, and epoch 4's SafeCLIP state
+    is gone: `--resume latest` warns about both, continues from epoch 3 and ends as the full run did."""
+    for folder in ("checkpoints", "safeclip_state"):
+        (tmp_path / "cut" / folder).mkdir(parents=True)
+        for epoch in range(1, EPOCHS + 1):
+            shutil.copy(full_run / folder / f"epoch_{epoch}.pt", tmp_path / "cut" / folder / f"epoch_{epoch}.pt")
+    cut = tmp_path / "cut" / "checkpoints" / f"epoch_{EPOCHS}.pt"
+    cut.write_bytes(cut.read_bytes()[:cut.stat().st_size // 2])
+    os.remove(tmp_path / "cut" / "safeclip_state" / f"epoch_{EPOCHS - 1}.pt")
+    resumed = run_module("open_clip_safe.main", *safeclip_flags(poisoned_world["shards"], tmp_path, "cut"),
+                         "--resume", "latest", timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    log = (tmp_path / "cut" / "out.log").read_text()
+    assert re.search(rf"WARNING \| --resume latest: skipping \S+/epoch_{EPOCHS}.pt: cut short", log)
+    assert re.search(rf"WARNING \| --resume latest: skipping \S+/epoch_{EPOCHS - 1}.pt: its SafeCLIP state is "
+                     rf"missing", log)
+    assert "epoch_3.pt' (epoch 3)" in log and phases_logged(log) == {3: "mixed", 4: "mixed"}
+    assert_resumed_run_matches(full_run, tmp_path / "cut", (3, 4))
+
+
+@pytest.mark.slow
+def test_resume_without_safeclip_state_is_refused(poisoned_world, full_run, tmp_path):
+    for folder in ("checkpoints", "safeclip_state"):
+        (tmp_path / "run" / folder).mkdir(parents=True)
+        for epoch in (1, 2):
+            shutil.copy(full_run / folder / f"epoch_{epoch}.pt", tmp_path / "run" / folder / f"epoch_{epoch}.pt")
     os.remove(tmp_path / "run" / "safeclip_state" / "epoch_2.pt")
-    again = run_module("open_clip_safe.main", *safeclip_flags(poisoned_world["shards"], tmp_path, "run"),
-                       "--safeclip-text-aug", "none", "--epochs", "2", "--resume", "latest")
+    # a named checkpoint whose state is gone
+    again = run_module("open_clip_safe.main", *safeclip_flags(poisoned_world["shards"], tmp_path, "other"),
+                       "--resume", tmp_path / "run" / "checkpoints" / "epoch_2.pt")
     assert again.returncode == 2 and "safeclip_state/epoch_2.pt is missing" in again.stderr
     assert "Traceback" not in again.stderr
+    # --resume latest with no checkpoint that has its state: refused too, not a fresh start over them
+    os.remove(tmp_path / "run" / "safeclip_state" / "epoch_1.pt")
+    latest = run_module("open_clip_safe.main", *safeclip_flags(poisoned_world["shards"], tmp_path, "run"),
+                        "--resume", "latest")
+    assert latest.returncode == 2 and "Traceback" not in latest.stderr
+    assert latest.stderr.strip().splitlines()[-1].startswith(
+        "open_clip_safe.main: error: --resume latest: none of the 2 checkpoints")
 
 
-def test_bf16_autocast_on_cpu_through_a_mixed_epoch(poisoned_world, tmp_path):
+@pytest.mark.slow
+def test_bf16_autocast_on_cpu_through_a_mixed_epoch(poisoned_world, tmp_path, wordnet):
     """Also the small-image options: a ramp into the cross-modal warm-up and a milder crop."""
     flags = safeclip_flags(poisoned_world["shards"], tmp_path, "bf16",
                            ["--safeclip-crossmodal-warmup", "3", "--safeclip-crop-scale", "0.5"])

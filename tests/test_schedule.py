@@ -24,7 +24,7 @@ def planted(n, risky_share=0.05, seed=0):
 
 
 def make_schedule(method="gmm", epochs=10, num_samples=1000, **rule):
-    return SafeclipSchedule(SplitRule(method, **rule), inmodal_epochs=2, crossmodal_epochs=1, epochs=epochs,
+    return SafeclipSchedule(rule=SplitRule(method, **rule), inmodal_epochs=2, crossmodal_epochs=1, epochs=epochs,
                             num_samples=num_samples, steps_per_epoch=10, steps_for=full_batches(100),
                             inmodal_lr=1e-3, cross_lr=5e-4, filter_lr=1e-5, warmup=4)
 
@@ -153,8 +153,8 @@ def test_crossmodal_warmup_ramps_from_zero_to_the_filter_lr():
     assert [plan.lr(1, "crossmodal", step) for step in range(5)] == pytest.approx([2e-4, 4e-4, 6e-4, 8e-4, 8e-4])
     assert all(plan.lr(2, "crossmodal", step) == 8e-4 for step in range(10))  # one ramp, not one per epoch
     assert "then 0.0008 after a 4-step ramp from 0" in plan.summary()
-    no_unimodal = LrPlan(**{**vars(plan), "inmodal_epochs": 0})
-    assert no_unimodal.lr(0, "crossmodal", 1) == pytest.approx(4e-4)
+    no_inmodal = LrPlan(**{**vars(plan), "inmodal_epochs": 0})
+    assert no_inmodal.lr(0, "crossmodal", 1) == pytest.approx(4e-4)
 
 
 def test_mixed_lr_plan_is_sized_from_the_expected_fractions():
@@ -181,12 +181,32 @@ def test_gmm_plan_is_sized_at_the_first_split():
     assert schedule.plan.mixed_steps["risky"][0] == (1000 - safe) // 100
 
 
+def test_mixed_epochs_are_sized_from_the_samples_the_pass_saw(caplog):
+    """sizes.json said 1000, the pass saw 900 (say 100 unreadable): the plan follows the pass."""
+    from open_clip_safe.train import check_sample_count
+
+    schedule = make_schedule(epochs=5)
+    similarity, _ = planted(900)
+    safe, _ = schedule.split(3, similarity)
+    assert schedule.samples_seen == 900 and len(safe) == 900
+    assert sum(schedule.expected_counts()[0]) == 900
+    assert schedule.plan.mixed_steps["risky"][0] == (900 - int(safe.sum())) // 100
+    resumed = make_schedule(epochs=5)
+    resumed.load_state_dict(json.loads(json.dumps(schedule.state_dict())))
+    assert resumed.samples_seen == 900 and resumed.plan.mixed_steps == schedule.plan.mixed_steps
+    args = SimpleNamespace(batch_size=32, world_size=2)
+    check_sample_count(args, 1000, 990)
+    assert "similarity pass saw" not in caplog.text, "within a global batch: no warning"
+    check_sample_count(args, 1000, 900)
+    assert "the similarity pass saw 900 samples, but the run was sized for 1000" in caplog.text
+
+
 def test_from_args_reads_the_flags():
     args = SimpleNamespace(safeclip_split="topk", safeclip_first_split_threshold=0.9, safeclip_safe_fraction_start=0.2,
                            safeclip_safe_fraction_step=0.01, safeclip_safe_fraction_max=0.85, safeclip_update_freq=1,
                            safeclip_inmodal_epochs=1, safeclip_crossmodal_epochs=1, epochs=3, safeclip_inmodal_lr=None,
                            lr=5e-4, safeclip_filter_lr=5e-6, warmup=0, safeclip_crossmodal_warmup=3)
-    data = SimpleNamespace(num_samples=1000, dataloader=SimpleNamespace(num_batches=7), subset_batches=full_batches(50))
+    data = SimpleNamespace(num_samples=1000, dataloader=SimpleNamespace(num_batches=7), batches_for=full_batches(50))
     plan = SafeclipSchedule.from_args(args, data).plan
     assert plan.inmodal_lr == plan.cross_lr == 5e-4 and plan.steps_per_epoch == 7 and plan.crossmodal_warmup == 3
     assert plan.mixed_steps == {"safe": [4], "risky": [16]}

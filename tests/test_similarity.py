@@ -14,6 +14,7 @@ import open_clip_safe  # noqa: F401
 from open_clip_safe.data import get_safeclip_data
 from open_clip_safe.params import parse_args
 from open_clip_safe.similarity import similarity_pass, write_log
+from open_clip_safe.train import broadcast_split
 from open_clip_safe.world import generate_world
 
 
@@ -41,9 +42,10 @@ def run_pass(rank, world_size, port, train_data, logs, extra, results):
     model, _, preprocess = open_clip.create_model_and_transforms("safeclip-micro")
     data = get_safeclip_data(args, preprocess, None, open_clip.get_tokenizer("safeclip-micro"))
     result = similarity_pass(model, data, args, epoch=6)
-    safe = result.similarity > np.median(result.similarity)
-    write_log(args, result, clean_prob=result.similarity, safe=safe, epoch=6)
-    results[rank] = (len(result.keys), len(result.ids))
+    safe = result.similarity > np.median(result.similarity) if rank == 0 else None  # rank 0 alone splits
+    safe = broadcast_split(args, safe, result.num_samples)
+    write_log(args, result, result.similarity, safe, epoch=6)
+    results[rank] = (len(result.keys), len(result.ids), result.similarity is None)
     if world_size > 1:
         dist.destroy_process_group()
 
@@ -55,6 +57,7 @@ def odd_world(tmp_path_factory):
     return generate_world(out, num_train=250, num_test=4, seed=3, shard_size=64, progress=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["shards", "csv"])
 def test_every_sample_once_across_two_ranks(odd_world, tmp_path, kind):
     train_data = odd_world["splits"]["train"][kind]
@@ -63,7 +66,8 @@ def test_every_sample_once_across_two_ranks(odd_world, tmp_path, kind):
     mp.spawn(run_pass, args=(2, free_port(), train_data, tmp_path / "two", extra, results), nprocs=2)
     local_counts = [results[r][0] for r in (0, 1)]
     assert sum(local_counts) == 250 and min(local_counts) > 0, local_counts
-    assert results[0][1] == results[1][1] == 250, "every rank holds the gathered arrays"
+    assert results[0][1] == results[1][1] == 250, "every rank holds the gathered ids"
+    assert results[1][2] and not results[0][2], "only rank 0 holds the similarities"
 
     table = pq.read_table(tmp_path / "two" / "run" / "similarity" / "epoch_006.parquet").to_pandas()
     assert len(table) == 250 and table["key"].is_unique
@@ -84,7 +88,8 @@ def test_every_sample_once_across_two_ranks(odd_world, tmp_path, kind):
 def test_poisoned_column_from_sample_json(tmp_path):
     import json
     import webdataset as wds
-    from open_clip_safe.world import draw_sample, png_bytes
+    from open_clip_safe.files import png_bytes
+    from open_clip_safe.world import draw_sample
     os.makedirs(tmp_path / "p")
     with wds.TarWriter(str(tmp_path / "p" / "000000.tar")) as sink:
         for i in range(40):
@@ -98,6 +103,7 @@ def test_poisoned_column_from_sample_json(tmp_path):
     assert set(table.loc[table["poisoned"], "key"]) == {"s000", "s010", "s020", "s030"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["shards", "csv"])
 def test_plain_pass_views_score_each_image_with_its_own_caption(odd_world, tmp_path, kind):
     """--safeclip-sim-views plain: eval preprocess + raw caption, whatever the training views do."""
@@ -116,7 +122,7 @@ def test_plain_pass_views_score_each_image_with_its_own_caption(odd_world, tmp_p
     np.testing.assert_array_equal(plain[0].similarity, plain[1].similarity)
     assert not np.allclose(plain[0].similarity, augmented.similarity, atol=1e-3)
 
-    by_key = dict(zip(plain[0].keys, plain[0].similarity))
+    by_key = dict(zip(plain[0].keys.to_pylist(), plain[0].similarity))
     model.eval()
     for index in (0, 63, 249):
         image, caption, _ = draw_sample(3, "train", index)

@@ -14,6 +14,7 @@ from conftest import REPO, child_env
 
 SCRIPTS = os.path.join(REPO, "scripts", "slurm")
 PACKAGES = "apt-get install -y slurm-wlm munge"
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("wordnet")]  # the jobs' SafeCLIP captions use EDA
 
 
 @pytest.fixture(scope="module")

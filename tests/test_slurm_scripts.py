@@ -32,6 +32,8 @@ def test_built_command_parses(world, tmp_path, script, gpus):
     command = shlex.split(result.stdout)
     launcher = command[0]
     assert launcher == ("torchrun" if script == "train_single_node.sbatch" else "srun")
+    if launcher == "srun":
+        assert "--kill-on-bad-exit=1" in command, "a failed rank must stop its peers, not leave them waiting"
     if launcher == "torchrun":
         assert command[command.index("-m") + 1] == "--", "torchrun needs `-m --` before --logs"
         assert command[command.index("--nproc_per_node") + 1] == ("2" if gpus == "0" else gpus.split(":")[-1])

@@ -5,32 +5,20 @@
     python -m open_clip_safe.attacks --train-data /x/train/{000000..000007}.tar --out DIR --attack targeted \\
         --target-images /x/test/000000.tar --classnames /x/classnames.txt
 """
-import argparse
 import shlex
 import sys
 from pathlib import Path
 
-from ..cli import out_dir_problem
+from ..cli import Parser, UsageError, guarded, out_dir_problem
 from .build import ATTACKS, BACKDOORS, build
-from .formats import AttackError
 from .triggers import PATCH_KINDS, PATCH_LOCATIONS, TRIGGERS
 
-PROG = "python -m open_clip_safe.attacks"
+TOOL = "attacks"
 DEFAULT_TARGET = "banana"  # CleanCLIP's backdoor target
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    def _get_help_string(self, action):
-        return action.help if action.default in (None, False) else super()._get_help_string(action)
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise AttackError(message)
-
-
 def build_parser():
-    parser = Parser(prog=PROG, description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter,
+    parser = Parser(TOOL, __doc__.split("\n\n")[0],
                     epilog="Writes under --out: the poisoned shards and sizes.json (or the CSV and images/), "
                            "attack.json (the attack card), poisoned_keys.txt and, for targeted, targets/.")
     data = parser.add_argument_group("data")
@@ -127,18 +115,19 @@ def parse_args(argv):
     return args
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
+def run(argv):
+    args = parse_args(argv)
     try:
-        args = parse_args(argv)
-        card = build(args, shlex.join([*PROG.split(), *argv]))
-    except (AttackError, OSError) as error:
-        message = str(error) if isinstance(error, AttackError) else f"cannot write under --out: {error}"
-        print(f"open_clip_safe.attacks: error: {' '.join(message.split())}", file=sys.stderr)
-        return 2
+        card = build(args, shlex.join(["python", "-m", f"open_clip_safe.{TOOL}", *argv]))
+    except OSError as error:
+        raise UsageError(f"cannot write under --out: {error}") from None
     print(f"{card['num_poisoned']} of {card['num_samples']} samples poisoned ({card['attack']}); "
           f"train data: {card['train_data']}; card: {Path(args.out).resolve() / 'attack.json'}")
-    return 0
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return guarded(TOOL, run, argv)
 
 
 if __name__ == "__main__":

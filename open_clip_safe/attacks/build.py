@@ -14,7 +14,8 @@ import numpy as np
 
 from ..world import article
 from .card import CARD_NAME, apply_trigger
-from .formats import AttackError, Edit, Injection, decode_image, meta_fields, open_data, png_bytes, progress_bar
+from ..files import png_bytes
+from .formats import AttackError, Edit, Injection, decode_image, meta_fields, open_data, progress_bar
 from .triggers import trigger_params
 
 BACKDOORS = ("badnets", "blended", "wanet", "sig", "label-consistent")

@@ -14,27 +14,21 @@ import tarfile
 import zlib
 from pathlib import Path
 
-import braceexpand
 from PIL import Image
-from tqdm import tqdm
 
-IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
+from ..cli import UsageError, progress
+from ..files import IMAGE_EXTENSIONS, png_bytes, shard_list
+
 KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
 
 
-class AttackError(Exception):
+class AttackError(UsageError):
     """Bad input: reported as one line on stderr, exit status 2."""
 
 
-def progress_bar(progress, **kwargs):
-    # delay: quick runs (and quick failures) print no bar, so an error stays the only stderr line
-    return tqdm(disable=not progress, delay=1, dynamic_ncols=True, **kwargs)
-
-
-def png_bytes(image):
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
+def progress_bar(show, **kwargs):
+    # delayed: quick runs (and quick failures) print no progress, so an error stays the only stderr line
+    return progress(enabled=show, delay=1, **kwargs)
 
 
 def decode_image(data, where):
@@ -51,7 +45,7 @@ def is_csv(spec):
 
 def expand_spec(spec):
     """open_clip's shard list: `::`-separated brace specs (`/x/{000000..000007}.tar`)."""
-    shards = [path for part in str(spec).split("::") for path in braceexpand.braceexpand(part)]
+    shards = shard_list(spec)
     remote = [path for path in shards if re.match(r"^\w+:", path) and not os.path.exists(path)]
     if remote:
         raise AttackError(f"only local shard files can be read, not {remote[0]}")
@@ -94,7 +88,7 @@ class WdsSample:
 
     @property
     def eligible(self):
-        return self.find(*IMAGE_EXTS) is not None and self.find("txt") is not None
+        return self.find(*IMAGE_EXTENSIONS) is not None and self.find("txt") is not None
 
     @property
     def poisoned_before(self):
@@ -106,11 +100,11 @@ class WdsSample:
             return False
 
     def load_image(self):
-        return decode_image(self.members[self.find(*IMAGE_EXTS)][1], f"sample {self.key} in {self.shard}")
+        return decode_image(self.members[self.find(*IMAGE_EXTENSIONS)][1], f"sample {self.key} in {self.shard}")
 
     def label(self):
         where = self.find("cls")
-        if where is None or self.find(*IMAGE_EXTS) is None:
+        if where is None or self.find(*IMAGE_EXTENSIONS) is None:
             raise AttackError(f"sample {self.key} in {self.shard} has no image or no cls field: "
                               "target images must be labelled")
         try:
@@ -124,7 +118,7 @@ class WdsSample:
         keeps its json (attacks can be chained)."""
         members = list(self.members)
         if edit is not None and edit.image is not None:
-            members[self.find(*IMAGE_EXTS)] = ("png", png_bytes(edit.image))
+            members[self.find(*IMAGE_EXTENSIONS)] = ("png", png_bytes(edit.image))
         if edit is not None and edit.caption is not None:
             members[self.find("txt")] = (members[self.find("txt")][0], edit.caption.encode())
         where = self.find("json")
@@ -330,9 +324,9 @@ class CsvData:
             raise AttackError(f"cannot read {self.path}: {error}") from None
 
     def write(self, out, plan, record, progress):
-        """Write out/<input name> (input columns + `poisoned`) and the new images under out/images."""
-        header = self.header + ([] if "poisoned" in self.columns else ["poisoned"])
-        flag = header.index("poisoned")
+        """Write out/<input name> (input columns + `poisoned` and `attack`) and the new images under out/images."""
+        header = self.header + [column for column in ("poisoned", "attack") if column not in self.columns]
+        flag, attack = header.index("poisoned"), header.index("attack")
         image_dir = out / "images"
         image_dir.mkdir(exist_ok=True)
         target = out / os.path.basename(self.path)
@@ -350,7 +344,7 @@ class CsvData:
                     row[self.columns[self.caption_key]] = injection.caption
                     if self.label_key in self.columns:
                         row[self.columns[self.label_key]] = str(injection.label)
-                    row[flag] = "1"
+                    row[flag], row[attack] = "1", plan.attack
                     writer.writerow(row)
                     record(str(total))
                     total += 1
@@ -368,6 +362,8 @@ class CsvData:
                     row[self.columns[self.caption_key]] = edit.caption
                 before = edit is None and sample.poisoned_before
                 row[flag] = "1" if edit is not None or before else "0"
+                if edit is not None:
+                    row[attack] = plan.attack
                 writer.writerow(row)
                 if edit is not None or before:
                     record(str(total), before)
