@@ -60,14 +60,13 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def out_dir_problem(out, overwrite):
-    """Why `--out` may not be written, or None: a file, or a non-empty folder without --overwrite."""
+def check_out_dir(out, overwrite):
+    """A UsageError when `--out` may not be written: a file, or a non-empty folder without --overwrite."""
     out = Path(out)
     if out.exists() and not out.is_dir():
-        return f"--out {out} exists and is not a folder"
+        raise UsageError(f"--out {out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        return f"--out {out} is not empty; pass --overwrite to write into it"
-    return None
+        raise UsageError(f"--out {out} is not empty; pass --overwrite to write into it")
 
 
 PRECISIONS = ("fp32", "amp", "amp_bf16", "bf16", "fp16")

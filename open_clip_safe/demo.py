@@ -13,7 +13,8 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from open_clip_safe.cli import Parser, UsageError, add_device_flags, guarded, out_dir_problem, percent, resolve_precision
+from open_clip_safe.cli import (Parser, UsageError, add_device_flags, check_out_dir, guarded, percent,
+                                resolve_precision)
 
 
 @dataclass(frozen=True)
@@ -23,7 +24,7 @@ class DemoConfig:
     num_train: int = 4000
     num_test: int = 1000
     model: str = "safeclip-tiny"
-    epochs: int = 13  # 10 (crosswise loss): SafeCLIP 86-93% while plain CLIP was already at 98%
+    epochs: int = 13  # SafeCLIP's CLIP loss sees only its safe samples: it needs more epochs than plain CLIP
     batch_size: int = 128
     lr: float = 1e-3
     warmup: int = 50
@@ -43,7 +44,7 @@ class DemoConfig:
     sim_views: str = "plain"
     text_aug: str = "none"
     cross_aug: bool = False  # raw captions make both caption views equal: crosswise only doubles every forward
-    safe_fraction_step: float = 0.25  # cap 85% at the 5th mixed epoch; +0.15 (10 epochs): 5.5 points less top-1, fewer hits
+    safe_fraction_step: float = 0.25  # cap 85% at the 5th mixed epoch; slower growth costs accuracy (docs/demo.md)
 
 
 QUICK = DemoConfig(num_train=512, num_test=128, epochs=3, batch_size=64, warmup=10, poison_rate=0.04,
@@ -56,9 +57,7 @@ def step(number, text):
 
 def clean_out(out, overwrite):
     """Refuse to mix a new demo into an old one's folder unless asked to replace it."""
-    problem = out_dir_problem(out, overwrite)
-    if problem:
-        raise DemoError(problem)
+    check_out_dir(out, overwrite)
     if out.is_dir():
         for name in ("world", "poisoned", "logs", "report"):
             shutil.rmtree(out / name, ignore_errors=True)

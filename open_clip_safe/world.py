@@ -17,7 +17,7 @@ import numpy as np
 import webdataset as wds
 from PIL import Image, ImageDraw
 from open_clip_safe import cli
-from open_clip_safe.cli import Parser, UsageError, guarded, out_dir_problem
+from open_clip_safe.cli import Parser, UsageError, check_out_dir, guarded
 from open_clip_safe.files import png_bytes
 
 CLASSES = (
@@ -30,8 +30,8 @@ COLORS = {
     "purple": (140, 60, 190), "cyan": (40, 210, 220), "pink": (245, 130, 190), "brown": (140, 90, 40),
 }
 # Plain backgrounds and glyphs of at least a quarter of the image: with noisy backgrounds and
-# glyphs from a fifth, the tiny demo model reached 68% top-1 after 10 epochs on 4,000 images
-# (84% with these backgrounds and sizes), too slow for a 15-minute demo to train both CLIP and SafeCLIP.
+# smaller glyphs the tiny demo model learns too slowly for a 15-minute demo to train both CLIP and
+# SafeCLIP (docs/world.md has the figures).
 BACKGROUNDS = {"dark": 35, "light": 215, "gray": 120}
 SIZES = {"small": (0.28, 0.34), "large": (0.36, 0.44)}
 # Most captions name only the class: when every caption also spelled out colour, size and
@@ -74,11 +74,9 @@ def _rects(*boxes):
 
 
 # Each glyph is a list of (polygons to fill, polygons to cut out); coordinates in [-1, 1].
-# Glyphs differ in structure, not in outline alone: with a square, a diamond, a pentagon and a hexagon
-# beside the disk (and rotations up to 0.35 rad), the tiny model confused those five at 32 px and plain
-# CLIP reached 82-87% top-1 in the demo's 10 epochs, too far from saturation for SafeCLIP, whose CLIP
-# loss sees 55-65% of the samples, to come near it (with this glyph set and the same 10 epochs, seed 0:
-# plain CLIP 97.5%, SafeCLIP 87.1% at a safe fraction step of 0.15 and 92.6% at 0.25).
+# Glyphs differ in structure, not in outline alone: look-alike outlines (square, diamond, pentagon,
+# hexagon beside the disk) are confused at 32 px, and a model far from saturation leaves SafeCLIP,
+# whose CLIP loss sees only its safe samples, far behind plain CLIP (docs/world.md).
 GLYPHS = (
     ([_regular_polygon(40)], []),                                               # disk
     ([[(dx + 0.38 * x, dy + 0.38 * y) for x, y in _regular_polygon(24)]
@@ -249,9 +247,7 @@ def parse_args(argv):
         parser.error(f"--image-size must be at least 16, got {args.image_size}")
     if args.shard_size < 1:
         parser.error("--shard-size must be at least 1")
-    problem = out_dir_problem(args.out, args.overwrite)
-    if problem:
-        parser.error(problem)
+    check_out_dir(args.out, args.overwrite)
     return args
 
 

@@ -44,7 +44,8 @@ def test_gmm_finds_planted_risky_samples():
 
 
 def test_gmm_fits_on_a_subset_and_scores_every_sample():
-    """What keeps 10M similarities in seconds (README: 3.7 s): the fit sees at most max_fit_samples."""
+    """What keeps 10M similarities in seconds (docs/benchmark.md#scale-2026-11-24): the fit sees at most
+    max_fit_samples."""
     similarity, risky = planted(200_000)
     clean_prob = gmm_clean_probability(similarity, max_fit_samples=2_000)
     assert clean_prob.shape == similarity.shape and clean_prob.dtype == np.float32

@@ -9,7 +9,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from ..cli import Parser, UsageError, guarded, out_dir_problem
+from ..cli import Parser, UsageError, check_out_dir, guarded
 from .build import ATTACKS, BACKDOORS, build
 from .triggers import PATCH_KINDS, PATCH_LOCATIONS, TRIGGERS
 
@@ -109,9 +109,7 @@ def parse_args(argv):
     for failed, message in checks:
         if failed:
             parser.error(message)
-    problem = out_dir_problem(args.out, args.overwrite)
-    if problem:
-        parser.error(problem)
+    check_out_dir(args.out, args.overwrite)
     return args
 
 
