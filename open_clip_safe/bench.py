@@ -69,7 +69,9 @@ def timed_run(report_path, argv):
                                                     lambda *a, **k: "open_clip epoch", epoch_samples)
     train.run_steps = timer.wrap(train.run_steps, lambda *a, **k: a[8], steps_samples)
     train.similarity_pass = timer.wrap(train.similarity_pass, lambda *a, **k: "similarity pass",
-                                       lambda result, *a, **k: len(result.similarity))
+                                       lambda result, *a, **k: len(result.ids))
+    train.second_signal = timer.wrap(train.second_signal, lambda *a, **k: "second signal",
+                                     lambda _, args, result: result.num_samples)
     train.mixed_epoch = timer.wrap(train.mixed_epoch, lambda *a, **k: "mixed epoch",
                                    lambda _, model, data, *rest, **k: data.num_samples)
     status = safe_main.main(argv)
@@ -105,8 +107,11 @@ def summarize(plain, safe, fractions):
 
     for tag, name in (("inmodal", "SafeCLIP in-modal warm-up epoch"), ("crossmodal", "SafeCLIP cross-modal epoch")):
         add(name, next(r for r in safe if r["phase"] == tag))
-    passes = [r for r in safe if r["phase"] == "similarity pass"]
-    add("similarity pass", {**passes[0], "seconds": sum(r["seconds"] for r in passes) / len(passes)})
+    for phase, name in (("similarity pass", "similarity pass"), ("second signal", "second signal (neighbours)")):
+        runs = [r for r in safe if r["phase"] == phase]
+        if runs:
+            add(name, {**runs[0], "seconds": sum(r["seconds"] for r in runs) / len(runs),
+                       "peak_memory_mib": max(r["peak_memory_mib"] for r in runs)})
     for fraction, record in zip(fractions, [r for r in safe if r["phase"] == "mixed epoch"]):
         add(f"SafeCLIP mixed epoch, safe {fraction:.0%} (pass included)", record)
     plain_total = sum(r["seconds"] for r in plain_epochs)
@@ -221,6 +226,8 @@ def parse_args(argv):
     parser.add_argument("--workers", type=int, default=2, help="Data-loader workers.")
     parser.add_argument("--fractions", default="0.15,0.5,0.85",
                         help="Safe fractions of the timed mixed epochs (comma-separated, increasing).")
+    parser.add_argument("--score", choices=("mixture", "neighbours"), default="mixture",
+                        help="SafeCLIP's --safeclip-score; neighbours adds a row for the second signal.")
     parser.add_argument("--split-memory", type=int, metavar="N",
                         help="Instead of timing training: the host memory two gloo ranks need for the similarity "
                              "pass's gather, the split and the lookup of N synthetic samples.")
@@ -259,7 +266,8 @@ def run_bench(args):
               "--lr", 1e-3, "--warmup", 10, "--logs", out / "logs", "--save-frequency", 0]
     safe_flags = ["--safeclip", "--safeclip-inmodal-epochs", 1, "--safeclip-crossmodal-epochs", 1,
                   "--safeclip-split", "topk", "--safeclip-safe-fraction-start", fractions[0],
-                  "--safeclip-safe-fraction-step", args.fraction_step, "--safeclip-safe-fraction-max", fractions[-1]]
+                  "--safeclip-safe-fraction-step", args.fraction_step, "--safeclip-safe-fraction-max", fractions[-1],
+                  "--safeclip-score", args.score]
     print(f"timing {epochs} plain open_clip epochs ({args.model}, batch {args.batch_size}, {args.device})", flush=True)
     plain = run_timed(common + ["--name", f"open_clip-{stamp}"], out / "plain.json", out / "plain.log")
     print(f"timing {epochs} SafeCLIP epochs (safe fractions {fractions})", flush=True)

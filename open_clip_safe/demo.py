@@ -21,6 +21,7 @@ from open_clip_safe.cli import (Parser, UsageError, add_device_flags, check_out_
 class DemoConfig:
     """Everything the demo's result depends on besides the seed."""
 
+    world_style: str = "glyphs"
     num_train: int = 4000
     num_test: int = 1000
     model: str = "safeclip-tiny"
@@ -32,6 +33,7 @@ class DemoConfig:
     poison_rate: float = 0.05
     target: str = "banana"
     patch_size: int = 42  # at 224 px: 6 px at 32 px
+    patch_kind: str = "noise"
     patch_location: str = "bottom-right"
     num_targets: int = 8
     captions_per_target: int = 10
@@ -45,8 +47,14 @@ class DemoConfig:
     text_aug: str = "none"
     cross_aug: bool = False  # raw captions make both caption views equal: crosswise only doubles every forward
     safe_fraction_step: float = 0.25  # cap 85% at the 5th mixed epoch; slower growth costs accuracy (docs/demo.md)
+    score: str = "mixture"  # --safeclip-score
+    adaptive: bool = False  # both attacks with --adaptive-captions
 
 
+# The second world, to check that settings tuned on the first transfer: other classes, shapes and
+# backgrounds (world.py's tiles style), another trigger (a checkerboard patch, top left) and target.
+WORLDS = {"glyphs": DemoConfig(),
+          "tiles": DemoConfig(world_style="tiles", target="rocket", patch_kind="checkerboard", patch_location="top-left")}
 QUICK = DemoConfig(num_train=512, num_test=128, epochs=3, batch_size=64, warmup=10, poison_rate=0.04,
                    num_targets=2, captions_per_target=4, inmodal_epochs=1, crossmodal_epochs=1, crossmodal_warmup=4)
 
@@ -85,10 +93,10 @@ def poison(world_card, out, config, seed, quiet):
     from open_clip_safe.attacks import load_attack_card
 
     backdoor, both = out / "poisoned" / "backdoor", out / "poisoned" / "backdoor+targeted"
-    common = ["--seed", seed] + (["--quiet"] if quiet else [])
+    common = ["--seed", seed] + (["--quiet"] if quiet else []) + (["--adaptive-captions"] if config.adaptive else [])
     run_attack(["--train-data", world_card["splits"]["train"]["shards"], "--out", backdoor, "--attack", "badnets",
                 "--poison-rate", config.poison_rate, "--target-label", config.target, "--patch-size", config.patch_size,
-                "--patch-location", config.patch_location, *common])
+                "--patch-kind", config.patch_kind, "--patch-location", config.patch_location, *common])
     run_attack(["--train-data", load_attack_card(backdoor)["train_data"], "--out", both,
                 "--attack", "targeted", "--target-images", world_card["splits"]["test"]["shards"],
                 "--classnames", Path(world_card["dir"]) / "classnames.txt", "--num-targets", config.num_targets,
@@ -108,7 +116,7 @@ def training_command(config, train_data, logs, name, seed, safeclip, device="cpu
                     "--safeclip-filter-lr", config.filter_lr, "--safeclip-inmodal-lr", config.inmodal_lr,
                     "--safeclip-crossmodal-warmup", config.crossmodal_warmup, "--safeclip-image-aug", config.image_aug,
                     "--safeclip-sim-views", config.sim_views, "--safeclip-text-aug", config.text_aug,
-                    "--safeclip-safe-fraction-step", config.safe_fraction_step]
+                    "--safeclip-safe-fraction-step", config.safe_fraction_step, "--safeclip-score", config.score]
         if not config.cross_aug:
             command.append("--safeclip-no-cross-aug")
     return [str(part) for part in command]
@@ -151,12 +159,16 @@ def evaluate(config, checkpoint, world_dir, cards, quiet, device="cpu", precisio
 
 
 def markdown_table(rows):
-    header = ("method", "zero-shot top-1", "backdoor ASR", "targeted ASR", "poisoned in safe set", "wall time")
+    header = ("method", "zero-shot top-1", "backdoor ASR", "targeted ASR", "poisoned in safe set",
+              "split ROC AUC, first → last mixed epoch", "wall time")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
+        auc = row.get("split_auc") or []
         lines.append("| " + " | ".join((row["method"], percent(row["top1"]), percent(row["backdoor_asr"]),
                                         f"{percent(row['targeted_asr'])} ({row['targeted_hits']}/{row['num_targets']})",
-                                        row["poisoned_in_safe_text"], f"{row['wall_seconds'] / 60:.1f} min")) + " |")
+                                        row["poisoned_in_safe_text"],
+                                        f"{auc[0]:.3f} → {auc[-1]:.3f}" if auc else "-",
+                                        f"{row['wall_seconds'] / 60:.1f} min")) + " |")
     return "\n".join(lines)
 
 
@@ -172,6 +184,7 @@ def summary_row(method, result, wall, poisoned_total, diagnostics=None):
         row["poisoned_in_safe_max"] = max(epoch["poisoned_in_safe"] for epoch in diagnostics)
         row["poisoned_in_safe_text"] = (f"{row['poisoned_in_safe_max']} of {poisoned_total} "
                                         f"(most in any of {len(diagnostics)} mixed epochs)")
+        row["split_auc"] = [epoch["detector"]["all"]["auc"] for epoch in diagnostics if epoch["detector"]]
     return row
 
 
@@ -181,11 +194,12 @@ def run_demo(out, config, seed, quiet=False, device="cpu", precision="fp32"):
 
     started = time.time()
     step(1, f"generating the world: {config.num_train} training and {config.num_test} test images")
-    world_card = generate_world(out / "world", config.num_train, config.num_test, seed=seed,
+    world_card = generate_world(out / "world", config.num_train, config.num_test, seed=seed, style=config.world_style,
                                 shard_size=max(1, config.num_train // 8), formats=("wds",), progress=not quiet)
     world_card["dir"] = str(out / "world")
 
-    step(2, f"poisoning: BadNets ({config.patch_location} noise patch) on {config.poison_rate:.1%} of the images -> "
+    step(2, f"poisoning: BadNets ({config.patch_location} {config.patch_kind} patch) on {config.poison_rate:.1%} of the "
+            f"images -> "
             f"'{config.target}', then {config.num_targets} "
             f"targeted images x {config.captions_per_target} captions")
     backdoor, both = poison(world_card, out, config, seed, quiet)
@@ -237,9 +251,22 @@ def parse_args(argv):
     parser.add_argument("--epochs", type=int, help="Training epochs of both runs (default: 13, --quick 3).")
     parser.add_argument("--overwrite", action="store_true", help="Replace an earlier demo's output in --out.")
     parser.add_argument("--quiet", action="store_true", help="Only stage headers and the final table.")
+    parser.add_argument("--world", choices=tuple(WORLDS), default="glyphs",
+                        help="glyphs: the demo's world; tiles: another world, trigger and target, with the same "
+                             "settings (does what was tuned on glyphs transfer?).")
+    parser.add_argument("--adaptive", action="store_true",
+                        help="An adaptive attacker: poisoned captions keep describing their images and add the "
+                             "target (the attack tool's --adaptive-captions).")
+    parser.add_argument("--score", choices=("mixture", "neighbours"),
+                        help=f"SafeCLIP's --safeclip-score (default: {DemoConfig.score}).")
     add_device_flags(parser)
     args = resolve_precision(parser.parse_args(argv))
-    config = QUICK if args.quick else DemoConfig()
+    world = WORLDS[args.world]
+    config = world
+    if args.quick:
+        config = replace(QUICK, world_style=world.world_style, target=world.target, patch_kind=world.patch_kind,
+                         patch_location=world.patch_location)
+    config = replace(config, adaptive=args.adaptive, score=args.score or config.score)
     if args.epochs is not None:
         if args.epochs < config.inmodal_epochs + config.crossmodal_epochs + 1:
             parser.error(f"--epochs must leave at least one mixed SafeCLIP epoch after "

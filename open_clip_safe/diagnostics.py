@@ -1,17 +1,23 @@
 """Split diagnostics from a SafeCLIP run's per-epoch similarity logs (no peer reports these).
 
-For every mixed epoch: how many poisoned samples reached the safe set (the defense needs 0), and
-how well the risky set catches them (recall, precision), plus similarity histograms of clean vs
-poisoned samples and the safe fraction over epochs as PNG plots.
+For every mixed epoch: how many poisoned samples reached the safe set (the defense needs 0), how
+well the risky set catches them (recall, precision), and the split as a detector: the ROC AUC of
+its ranking for poisoned against clean samples and its true-positive rate at 1% and 5% false
+positives, for all poisons and per kind. Plots: similarity histograms of clean vs poisoned
+samples, the safe fraction and the AUC over epochs. The run itself logs the same detector figures
+(train.mixed_epoch), from the same function.
 """
 import glob
 import os
 import re
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
+from sklearn.metrics import roc_auc_score, roc_curve
 
 from open_clip_safe.cli import percent
+from open_clip_safe.data import POISON_KINDS
 
 EPOCH_FILE = re.compile(r"epoch_(\d+)\.parquet$")
 
@@ -34,6 +40,62 @@ def ratio(numerator, denominator):
     return float(numerator) / denominator if denominator else None
 
 
+DETECTED_KINDS = ("backdoor", "targeted")
+FALSE_POSITIVE_RATES = (0.01, 0.05)
+
+
+def split_order(score, tiebreak):
+    """Each sample's place in the split's ranking, 0 the riskiest: by score, ties by the tie-break,
+    then by position, as the split (schedule.top_fraction_mask) ranks them."""
+    order = np.lexsort((-np.arange(len(score)), tiebreak, score))
+    place = np.empty(len(order), dtype=np.int64)
+    place[order] = np.arange(len(order))
+    return place
+
+
+def detector_metrics(score, tiebreak, poison):
+    """The split as a detector of poisoned samples (ranked riskiest first), for all poisons and per
+    kind: ROC AUC and the true-positive rate at each of FALSE_POSITIVE_RATES. `poison` holds the
+    pass's codes (-1 unknown, else an index into data.POISON_KINDS); None where no sample is known."""
+    poison = np.asarray(poison)
+    clean = poison == 0
+    if not clean.any() or not (poison > 0).any():
+        return None
+    risk = -split_order(np.asarray(score), np.asarray(tiebreak))
+    metrics = {}
+    groups = [("all", poison > 0)] + [(kind, poison == POISON_KINDS.index(kind)) for kind in DETECTED_KINDS]
+    for name, members in groups:
+        if not members.any():
+            metrics[name] = None
+            continue
+        chosen = clean | members
+        truth, ranked = members[chosen], risk[chosen]
+        fpr, tpr, _ = roc_curve(truth, ranked)
+        metrics[name] = {"samples": int(members.sum()), "auc": float(roc_auc_score(truth, ranked)),
+                         **{f"tpr_at_{round(100 * rate)}": float(tpr[np.searchsorted(fpr, rate, side="right") - 1])
+                            for rate in FALSE_POSITIVE_RATES}}
+    return metrics
+
+
+def detector_line(metrics):
+    """One log line's worth of `detector_metrics`."""
+    main = metrics["all"]
+    kinds = ", ".join(f"{kind} {metrics[kind]['auc']:.3f}" for kind in DETECTED_KINDS if metrics[kind])
+    return (f"split as a poison detector: ROC AUC {main['auc']:.3f}" + (f" ({kinds})" if kinds else "")
+            + "; TPR " + ", ".join(f"{percent(main[f'tpr_at_{round(100 * r)}'])} at {r:.0%} FPR"
+                                   for r in FALSE_POSITIVE_RATES))
+
+
+def poison_codes(table):
+    """The pass's poison codes back from a log's `poisoned` and `poison_kind` columns."""
+    poisoned = table["poisoned"].astype(bool)
+    codes = np.where(poisoned, POISON_KINDS.index("other"), 0).astype(np.int8)
+    if "poison_kind" in table:
+        for index, kind in enumerate(POISON_KINDS):
+            codes[poisoned & (table["poison_kind"] == kind)] = index
+    return codes
+
+
 def epoch_row(table):
     """One epoch's counts; poisoned-sample figures are None when the data carried no poison flags."""
     similarity = table["similarity"]
@@ -41,7 +103,8 @@ def epoch_row(table):
     row = {"epoch": int(table["epoch"][0]), "samples": len(safe), "safe": int(safe.sum()),
            "safe_fraction": ratio(safe.sum(), len(safe)), "mean_similarity": float(similarity.mean()),
            "poisoned": None, "poisoned_in_safe": None, "risky_recall": None, "risky_precision": None,
-           "mean_similarity_clean": None, "mean_similarity_poisoned": None}
+           "mean_similarity_clean": None, "mean_similarity_poisoned": None, "detector": None,
+           "clean_moved_to_risky": None}
     if "poisoned" in table:
         poisoned = table["poisoned"].astype(bool)
         risky = ~safe
@@ -50,12 +113,30 @@ def epoch_row(table):
                    risky_precision=ratio((poisoned & risky).sum(), risky.sum()),
                    mean_similarity_clean=float(similarity[~poisoned].mean()) if (~poisoned).any() else None,
                    mean_similarity_poisoned=float(similarity[poisoned].mean()) if poisoned.any() else None)
+        ranking = table.get("score", table.get("clean_prob"))  # score: where a second signal ranked
+        if ranking is not None:
+            row["detector"] = detector_metrics(ranking, similarity, poison_codes(table))
+        if "score" in table and "clean_prob" in table:
+            row["clean_moved_to_risky"] = clean_moved_to_risky(table["clean_prob"], similarity, safe, poisoned)
     return row
 
 
+def clean_moved_to_risky(clean_prob, similarity, safe, poisoned):
+    """What a second signal cost: the clean samples it moved out of the safe set the mixture alone
+    would have chosen at the same size."""
+    alone = split_order(clean_prob, similarity) >= len(safe) - int(safe.sum())
+    return int((alone & ~safe & ~poisoned).sum())
+
+
 def read_epoch(path):
-    columns = [c for c in ("similarity", "safe", "epoch", "poisoned") if c in pq.read_schema(path).names]
+    wanted = ("similarity", "clean_prob", "score", "safe", "epoch", "poisoned", "poison_kind")
+    columns = [c for c in wanted if c in pq.read_schema(path).names]
     table = pq.read_table(path, columns=columns)
+    if "poison_kind" in table.column_names:  # decoded first: a dictionary's nulls do not survive to_numpy
+        kinds = table["poison_kind"].combine_chunks()
+        if pa.types.is_dictionary(kinds.type):
+            kinds = kinds.dictionary_decode()
+        table = table.set_column(table.column_names.index("poison_kind"), "poison_kind", kinds)
     return {name: table[name].to_numpy(zero_copy_only=False) for name in columns}
 
 
@@ -122,17 +203,47 @@ def plot_diagnostics(rows, arrays, out_dir):
     figure.savefig(path, dpi=100)
     plt.close(figure)
     written.append(path)
+
+    if any(row["detector"] for row in rows):
+        figure, axis = plt.subplots(figsize=(5, 3.2))
+        for name in ("all",) + DETECTED_KINDS:
+            points = [(row["epoch"], row["detector"][name]["auc"]) for row in rows
+                      if row["detector"] and row["detector"].get(name)]
+            if points:
+                axis.plot(*zip(*points), marker="o", label="all poisons" if name == "all" else name)
+        axis.axhline(0.5, color="grey", linestyle=":", linewidth=1)
+        axis.set_xlabel("epoch")
+        axis.set_ylabel("ROC AUC, poisoned vs clean")
+        axis.set_ylim(0, 1.02)
+        axis.set_title("the split as a poison detector")
+        axis.legend(fontsize=8)
+        figure.tight_layout()
+        path = os.path.join(out_dir, "detector_auc.png")
+        figure.savefig(path, dpi=100)
+        plt.close(figure)
+        written.append(path)
     return written
+
+
+def detector_cell(row, name, field="auc"):
+    found = (row["detector"] or {}).get(name)
+    if not found:
+        return "-"
+    return f"{found[field]:.3f}" if field == "auc" else percent(found[field])
 
 
 def diagnostics_table(rows):
     """A fixed-width text table, one line per epoch."""
-    header = ("epoch", "samples", "safe", "safe %", "poisoned", "in safe", "risky recall", "risky prec.")
+    header = ("epoch", "samples", "safe", "safe %", "poisoned", "in safe", "risky recall", "risky prec.", "AUC",
+              "AUC bd", "AUC tg", "TPR@1%", "TPR@5%", "clean moved")
     lines = [header]
     for row in rows:
         lines.append((str(row["epoch"]), str(row["samples"]), str(row["safe"]), percent(row["safe_fraction"]),
                       "-" if row["poisoned"] is None else str(row["poisoned"]),
                       "-" if row["poisoned_in_safe"] is None else str(row["poisoned_in_safe"]),
-                      percent(row["risky_recall"]), percent(row["risky_precision"])))
+                      percent(row["risky_recall"]), percent(row["risky_precision"]),
+                      detector_cell(row, "all"), detector_cell(row, "backdoor"), detector_cell(row, "targeted"),
+                      detector_cell(row, "all", "tpr_at_1"), detector_cell(row, "all", "tpr_at_5"),
+                      "-" if row["clean_moved_to_risky"] is None else str(row["clean_moved_to_risky"])))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     return "\n".join("  ".join(cell.rjust(width) for cell, width in zip(line, widths)) for line in lines)

@@ -155,6 +155,16 @@ def one_line_error(parser, message):
     fail(TOOL, message)
 
 
+def fraction_step(value):
+    """A safe-fraction step: a number, or auto (None)."""
+    if value == "auto":
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or auto, got {value!r}") from None
+
+
 def safeclip_parser():
     parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False, usage=argparse.SUPPRESS,
                                      formatter_class=DefaultsFormatter)
@@ -180,11 +190,24 @@ def safeclip_parser():
                        help="gmm: clean probability a sample needs to be safe at the first mixed epoch.")
     group.add_argument("--safeclip-safe-fraction-start", type=float, default=0.15,
                        help="topk: safe fraction at the first mixed epoch.")
-    group.add_argument("--safeclip-safe-fraction-step", type=float, default=0.01,
-                       help="Growth of the safe fraction per update.")
+    group.add_argument("--safeclip-safe-fraction-step", type=fraction_step, default=0.01,
+                       help="Growth of the safe fraction per update, or auto: the step that reaches "
+                            "--safeclip-safe-fraction-max after --safeclip-safe-fraction-auto-share of the mixed epochs.")
+    group.add_argument("--safeclip-safe-fraction-auto-share", type=float, default=0.5,
+                       help="With --safeclip-safe-fraction-step auto: the share of the mixed epochs after which the "
+                            "safe fraction reaches its cap.")
     group.add_argument("--safeclip-safe-fraction-max", type=float, default=0.85, help="Cap of the safe fraction.")
     group.add_argument("--safeclip-update-freq", type=int, default=1,
                        help="Grow the safe fraction every this many mixed epochs.")
+    group.add_argument("--safeclip-score", choices=("mixture", "neighbours"), default="mixture",
+                       help="What ranks the samples at each split: the mixture's clean probability (the authors), or "
+                            "neighbours: that, with samples a second signal from the pass's embeddings flags ranked "
+                            "last (copies of one image; captions unlike those of the image's nearest neighbours).")
+    group.add_argument("--safeclip-score-quantile", type=float, default=0.05,
+                       help="neighbours: the share of samples, those least consistent with their neighbours, flagged.")
+    group.add_argument("--safeclip-neighbour-reference", type=int, default=1_000_000,
+                       help="neighbours: search among all samples up to this many, else among a fixed random "
+                            "subset of this size.")
     group.add_argument("--safeclip-no-cross-aug", dest="safeclip_cross_aug", action="store_false",
                        help="CLIP loss on (image view 1, caption view 1) instead of crosswise views.")
     group.add_argument("--safeclip-text-aug", choices=("eda", "none"), default="eda",
@@ -224,7 +247,13 @@ def check_safeclip_args(args, defaults):
     check_fraction(args.safeclip_first_split_threshold, "--safeclip-first-split-threshold")
     check_fraction(args.safeclip_safe_fraction_start, "--safeclip-safe-fraction-start")
     check_fraction(args.safeclip_safe_fraction_max, "--safeclip-safe-fraction-max")
-    check_fraction(args.safeclip_safe_fraction_step, "--safeclip-safe-fraction-step", low_open=False)
+    if args.safeclip_safe_fraction_step is not None:
+        check_fraction(args.safeclip_safe_fraction_step, "--safeclip-safe-fraction-step", low_open=False)
+    check_fraction(args.safeclip_safe_fraction_auto_share, "--safeclip-safe-fraction-auto-share")
+    if not 0 <= args.safeclip_score_quantile < 1:
+        raise UsageError(f"--safeclip-score-quantile must be in [0, 1), got {args.safeclip_score_quantile}")
+    if args.safeclip_neighbour_reference < 2:
+        raise UsageError("--safeclip-neighbour-reference must be at least 2")
     for flag, value in (("--safeclip-filter-lr", args.safeclip_filter_lr),
                         ("--safeclip-inmodal-lr", args.safeclip_inmodal_lr)):
         if value is not None and value <= 0:

@@ -51,8 +51,22 @@ def get_data(args, preprocess_fns, epoch=0, tokenizer=None):
         state.load(args, train.run, epoch)
     elif is_master(args):
         logging.info(f"SafeCLIP learning-rate plan:\n{train.run.plan.summary()}")
+        warn_if_the_clip_loss_starves(args, train.run.schedule)
     data["train"] = train
     return data
+
+
+def warn_if_the_clip_loss_starves(args, schedule):
+    """At the start of a run: say so when the plan gives the CLIP loss under half the samples plain CLIP
+    would see in as many epochs (under gmm, taking --safeclip-safe-fraction-start as the first split's share)."""
+    share = schedule.clip_loss_share(first_fraction=args.safeclip_safe_fraction_start)
+    if share < 0.5:
+        logging.warning(
+            f"SafeCLIP: this plan gives the CLIP loss about {share:.0%} of the samples plain CLIP would see in "
+            f"{args.epochs} epochs ({schedule.crossmodal_epochs} cross-modal epochs plus the safe fractions of "
+            f"{schedule.mixed_epochs} mixed epochs, from a first safe fraction of about "
+            f"{args.safeclip_safe_fraction_start:g}); more --epochs, a larger --safeclip-safe-fraction-step (or auto), "
+            f"--safeclip-safe-fraction-max, or fewer --safeclip-inmodal-epochs give it more")
 
 
 def create_loss(args):

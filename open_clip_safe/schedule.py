@@ -7,6 +7,7 @@ Everything here is plain numpy on rank 0's side; the training loop broadcasts th
 import logging
 from dataclasses import asdict, dataclass
 from types import SimpleNamespace
+from typing import NamedTuple, Optional
 
 import numpy as np
 from open_clip_train.scheduler import cosine_lr
@@ -24,6 +25,9 @@ def phase_of(epoch, inmodal_epochs, crossmodal_epochs):
     return "mixed"
 
 
+SEPARATED = 2.0  # Ashman's D above which a 2-component mixture is bimodal (Ashman et al., 1994)
+
+
 def gmm_clean_probability(similarity, max_fit_samples=GMM_MAX_FIT_SAMPLES, seed=0, chunk=1 << 20):
     """Posterior of the higher-mean component of a 2-component 1-D Gaussian mixture, per sample.
 
@@ -32,6 +36,13 @@ def gmm_clean_probability(similarity, max_fit_samples=GMM_MAX_FIT_SAMPLES, seed=
     evaluated on every sample `chunk` at a time, so 10^7 similarities take seconds and no more
     memory than the float32 result.
     """
+    return gmm_fit(similarity, max_fit_samples, seed, chunk)[0]
+
+
+def gmm_fit(similarity, max_fit_samples=GMM_MAX_FIT_SAMPLES, seed=0, chunk=1 << 20):
+    """gmm_clean_probability, and how far the mixture's components stand apart: Ashman's
+    D = sqrt(2) |mu1 - mu2| / sqrt(var1 + var2); below SEPARATED the "clean" component is only the
+    upper half of one hump, not a group of its own."""
     similarity = np.asarray(similarity).reshape(-1)
     fit_on = similarity
     if len(similarity) > max_fit_samples:
@@ -42,7 +53,8 @@ def gmm_clean_probability(similarity, max_fit_samples=GMM_MAX_FIT_SAMPLES, seed=
     for begin in range(0, len(similarity), chunk):
         part = np.asarray(similarity[begin:begin + chunk], np.float64).reshape(-1, 1)
         out[begin:begin + chunk] = mixture.predict_proba(part)[:, clean]
-    return out
+    means, variances = mixture.means_.reshape(-1), mixture.covariances_.reshape(-1)
+    return out, float(np.sqrt(2) * abs(means[0] - means[1]) / np.sqrt(variances.sum()))
 
 
 def top_fraction_mask(score, fraction, tiebreak=None):
@@ -71,28 +83,53 @@ class SplitRule:
     """How mixed epochs split the data (the --safeclip-split ... --safeclip-update-freq flags).
 
     gmm: the first mixed epoch's safe set is every sample with clean probability >= first_threshold
-    and its share is the first fraction f0; topk: the top fraction_start by raw similarity.
-    Mixed epoch m > 0 keeps the top min(fraction_max, f0 + fraction_step * (m // update_freq)) by
-    the same score, so a gmm f0 above the cap falls to the cap at the next epoch.
+    and its share is the first fraction f0, unless that split is blind (see `first_split`); topk:
+    the top fraction_start by raw similarity. Mixed epoch m > 0 keeps the top
+    min(fraction_max, f0 + step * (m // update_freq)) by the same score, so a gmm f0 above the cap
+    falls to the cap at the next epoch. step is fraction_step, or with fraction_step None ("auto")
+    the step that reaches fraction_max at the share auto_share of the mixed epochs.
     """
 
     method: str = "gmm"
     first_threshold: float = 0.9
     fraction_start: float = 0.15
-    fraction_step: float = 0.01
+    fraction_step: float = 0.01  # None: auto
     fraction_max: float = 0.85
     update_freq: int = 1
+    auto_share: float = 0.5
 
-    def fraction_at(self, mixed_epoch, first_fraction):
+    def step(self, first_fraction, mixed_epochs):
+        if self.fraction_step is not None:
+            return self.fraction_step
+        if mixed_epochs is None:
+            raise ValueError("an auto step needs the number of mixed epochs")
+        updates = max(1, round(self.auto_share * mixed_epochs) // self.update_freq)
+        return max(0.0, (self.fraction_max - first_fraction) / updates)
+
+    def fraction_at(self, mixed_epoch, first_fraction, mixed_epochs=None):
         if mixed_epoch == 0:
             return first_fraction
-        return min(self.fraction_max, first_fraction + self.fraction_step * (mixed_epoch // self.update_freq))
+        step = self.step(first_fraction, mixed_epochs)
+        return min(self.fraction_max, first_fraction + step * (mixed_epoch // self.update_freq))
 
     def score(self, similarity):
-        """What samples are ranked by: clean probability (gmm) or the similarity itself (topk)."""
+        """What samples are ranked by, and Ashman's D of the mixture: clean probability (gmm) or the
+        similarity itself (topk, D None)."""
         if self.method == "gmm":
-            return gmm_clean_probability(similarity)
-        return np.asarray(similarity, dtype=np.float32)
+            return gmm_fit(similarity)
+        return np.asarray(similarity, dtype=np.float32), None
+
+    def first_split(self, score, similarity, separation):
+        """The first gmm safe set, and why it fell back, if it did. The threshold split is blind when
+        no sample reaches the threshold or the mixture does not separate (Ashman's D < SEPARATED):
+        then the safe set is the top fraction_start by clean probability (ties by similarity)."""
+        safe = score >= self.first_threshold
+        if safe.any() and separation >= SEPARATED:
+            return safe, None
+        reason = (f"no sample reached clean probability {self.first_threshold:g}" if not safe.any() else
+                  f"the mixture does not separate (Ashman's D {separation:.2f} < {SEPARATED:g}; "
+                  f"{int(safe.sum())} samples reached clean probability {self.first_threshold:g})")
+        return top_fraction_mask(score, self.fraction_start, tiebreak=similarity), reason
 
 
 def cosine(base_lr, warmup, steps, step):
@@ -171,6 +208,21 @@ class LrPlan:
         return "\n".join(lines)
 
 
+class Split(NamedTuple):
+    safe: np.ndarray
+    clean_prob: np.ndarray  # the mixture's posterior (gmm) or the similarity (topk)
+    score: np.ndarray  # what ranked the samples: clean_prob, lowered for samples a second signal flags
+    separation: Optional[float]  # Ashman's D of the mixture (gmm)
+    fallback: Optional[str]  # why the first gmm split fell back to the top fraction_start, if it did
+
+    def log_columns(self):
+        """The similarity log's score columns: clean_prob, and score where it differs."""
+        columns = {"clean_prob": self.clean_prob.astype(np.float32)}
+        if self.score is not self.clean_prob:
+            columns["score"] = self.score.astype(np.float32)
+        return columns
+
+
 class SafeclipSchedule:
     """Phases, split and learning-rate plan of one run, with a plain-dict state for exact resume.
 
@@ -197,7 +249,7 @@ class SafeclipSchedule:
         rule = SplitRule(method=args.safeclip_split, first_threshold=args.safeclip_first_split_threshold,
                          fraction_start=args.safeclip_safe_fraction_start,
                          fraction_step=args.safeclip_safe_fraction_step, fraction_max=args.safeclip_safe_fraction_max,
-                         update_freq=args.safeclip_update_freq)
+                         update_freq=args.safeclip_update_freq, auto_share=args.safeclip_safe_fraction_auto_share)
         return cls(rule=rule, inmodal_epochs=args.safeclip_inmodal_epochs,
                    crossmodal_epochs=args.safeclip_crossmodal_epochs, epochs=args.epochs,
                    num_samples=data.num_samples, steps_per_epoch=data.dataloader.num_batches,
@@ -209,6 +261,21 @@ class SafeclipSchedule:
     def warmup_epochs(self):
         return self.inmodal_epochs + self.crossmodal_epochs
 
+    @property
+    def mixed_epochs(self):
+        return self.epochs - self.warmup_epochs
+
+    def fraction_at(self, mixed_epoch, first_fraction=None):
+        first_fraction = self.first_fraction if first_fraction is None else first_fraction
+        return self.rule.fraction_at(mixed_epoch, first_fraction, self.mixed_epochs)
+
+    def clip_loss_share(self, first_fraction=None):
+        """The CLIP loss's samples over the plan, as a share of what plain CLIP sees in as many epochs:
+        (cross-modal epochs + the safe fractions of the mixed epochs) / epochs."""
+        first_fraction = self.first_fraction if self.first_fraction is not None else first_fraction
+        safe = sum(self.fraction_at(m, first_fraction) for m in range(self.mixed_epochs))
+        return (self.crossmodal_epochs + safe) / max(1, self.epochs)
+
     def phase(self, epoch):
         return phase_of(epoch, self.inmodal_epochs, self.crossmodal_epochs)
 
@@ -216,8 +283,8 @@ class SafeclipSchedule:
         """(safe, risky) sample counts of every mixed epoch, from f0, the fraction rule and the sample count."""
         total = self.samples_seen or self.num_samples
         counts = []
-        for mixed_epoch in range(self.epochs - self.warmup_epochs):
-            safe = int(round(self.rule.fraction_at(mixed_epoch, self.first_fraction) * total))
+        for mixed_epoch in range(self.mixed_epochs):
+            safe = int(round(self.fraction_at(mixed_epoch) * total))
             counts.append((safe, total - safe))
         return counts
 
@@ -232,21 +299,27 @@ class SafeclipSchedule:
             self._plan = LrPlan(**self.lr_args, mixed_steps=mixed_steps)
         return self._plan
 
-    def split(self, epoch, similarity):
-        """The safe mask of mixed epoch `epoch` from every sample's similarity, and the ranking score.
+    def split(self, epoch, similarity, flagged=None):
+        """Mixed epoch `epoch`'s split from every sample's similarity (and, with a second signal, which
+        samples it flags): a Split of the safe mask, the mixture's clean probability (the similarity
+        under topk), the ranking score, and why the first split fell back, if it did.
 
-        Records the split (`accept_split`); ranks that receive the mask instead must accept it too.
+        Flagged samples rank below every other (score = clean probability - 2), so they enter a safe
+        set only when fewer unflagged samples remain than it holds. Records the split
+        (`accept_split`); ranks that receive the mask instead must accept it too.
         """
         mixed_epoch = self.mixed_epoch(epoch)
-        score = self.rule.score(similarity)
+        clean_prob, separation = self.rule.score(similarity)
+        score = clean_prob if flagged is None else (clean_prob - 2.0 * flagged).astype(np.float32)
+        fallback = None
         if mixed_epoch == 0 and self.rule.method == "gmm":
-            safe = score >= self.rule.first_threshold
+            safe, fallback = self.rule.first_split(score, similarity, separation)
         else:
             if self.first_fraction is None:
                 raise RuntimeError("no first split recorded: resume from a state saved after the first mixed epoch")
-            safe = top_fraction_mask(score, self.rule.fraction_at(mixed_epoch, self.first_fraction), tiebreak=similarity)
+            safe = top_fraction_mask(score, self.fraction_at(mixed_epoch), tiebreak=similarity)
         self.accept_split(epoch, safe)
-        return safe, score
+        return Split(safe, clean_prob, score, separation, fallback)
 
     def accept_split(self, epoch, safe):
         """Record epoch `epoch`'s split (safe mask), computed here or on another rank; idempotent.
@@ -264,7 +337,7 @@ class SafeclipSchedule:
         if resize:
             self._plan = None
             logging.info(f"SafeCLIP learning-rate plan:\n{self.plan.summary()}")
-        self.fraction = self.rule.fraction_at(mixed_epoch, self.first_fraction)
+        self.fraction = self.fraction_at(mixed_epoch)
         self.last_split_epoch = epoch
 
     def mixed_epoch(self, epoch):

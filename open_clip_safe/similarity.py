@@ -22,10 +22,11 @@ from open_clip_train.distributed import is_master
 from open_clip_train.precision import get_autocast
 from open_clip_train.train import unwrap_model
 
-from open_clip_safe import collectives
+from open_clip_safe import collectives, neighbours
 from open_clip_safe.cli import log_lines, progress
 from open_clip_safe.data import POISON_KINDS
 from open_clip_safe.files import as_disk_full
+from open_clip_safe.loss import embed_dim_of
 
 KEY_CHUNK = 1 << 18  # keys a rank sends rank 0 per transfer while the log is written
 
@@ -35,7 +36,9 @@ class PassResult:
     """The pass over all samples, rank-major: rows [starts[r], starts[r] + counts[r]) came from rank r.
 
     `ids` is on every rank; `similarity` and `poison` (codes: -1 unknown, else an index into
-    data.POISON_KINDS) on rank 0 only; `keys` are this rank's own (None when no log is written).
+    data.POISON_KINDS) on rank 0 only; `keys` are this rank's own (None when no log is written), and
+    so are `image`, `text` (float16 embeddings, host memory) and `digests`, which are kept only for
+    the second signal (--safeclip-score neighbours).
     """
 
     ids: np.ndarray
@@ -44,10 +47,19 @@ class PassResult:
     counts: list
     keys: pa.Array
     seconds: float
+    rank: int = 0
+    image: torch.Tensor = None
+    text: torch.Tensor = None
+    digests: np.ndarray = None
 
     @property
     def num_samples(self):
         return sum(self.counts)
+
+    @property
+    def local_ids(self):
+        begin = sum(self.counts[:self.rank])
+        return self.ids[begin:begin + self.counts[self.rank]]
 
     @property
     def poisoned(self):
@@ -66,7 +78,10 @@ def similarity_pass(model, data, args, epoch):
     model.eval()
     batch_size = args.safeclip_sim_batch_size or 2 * args.batch_size
     keep_keys = log_dir(args) is not None
-    ids, sims, poison, keys = [], [], [], []
+    keep_embeddings = args.safeclip_score == "neighbours"
+    width = embed_dim_of(args.model) if keep_embeddings else None
+    planes = neighbours.projection(width, device) if keep_embeddings else None
+    ids, sims, poison, keys, image_rows, text_rows, digests = [], [], [], [], [], [], []
     expected = -(-data.num_samples // (batch_size * args.world_size))
     batches = progress(data.pass_loader(batch_size), enabled=is_master(args), log=log_lines, total=expected,
                        desc=f"similarity pass (epoch {epoch})", unit="batch")
@@ -81,6 +96,10 @@ def similarity_pass(model, data, args, epoch):
         poison.append(np.asarray(batch_poison, dtype=np.int8))
         if keep_keys:
             keys.append(pa.array(list(batch_keys), pa.string()))
+        if keep_embeddings:
+            image_rows.append(image_features.to(torch.float16).cpu())
+            text_rows.append(text_features.to(torch.float16).cpu())
+            digests.append(neighbours.image_digests(image_features, planes))
     model.train(was_training)
 
     local_sims = torch.cat(sims).cpu().numpy() if sims else np.zeros(0, np.float32)  # one device sync
@@ -95,7 +114,12 @@ def similarity_pass(model, data, args, epoch):
         if duplicates:
             logging.warning(f"similarity pass: {duplicates} samples share a key (or a key hash) with another")
     local_keys = pa.concat_arrays(keys) if keys else (pa.array([], pa.string()) if keep_keys else None)
-    return PassResult(all_ids, all_sims, all_poison, counts, local_keys, time.time() - start)
+    result = PassResult(all_ids, all_sims, all_poison, counts, local_keys, time.time() - start, args.rank)
+    if keep_embeddings:
+        result.image = torch.cat(image_rows) if image_rows else torch.zeros(0, width, dtype=torch.float16)
+        result.text = torch.cat(text_rows) if text_rows else torch.zeros(0, width, dtype=torch.float16)
+        result.digests = np.concatenate(digests) if digests else np.zeros(0, np.int64)
+    return result
 
 
 def log_dir(args):
@@ -109,10 +133,10 @@ def log_file(args, epoch):
     return None if folder is None else os.path.join(folder, f"epoch_{epoch:03d}.parquet")
 
 
-def log_columns(result, score, safe, epoch):
-    """Rank 0's rank-major columns of the log, without the key."""
+def log_columns(result, scores, safe, epoch):
+    """Rank 0's rank-major columns of the log, without the key; `scores` maps column names to arrays."""
     columns = {"similarity": pa.array(result.similarity, pa.float32()),
-               "clean_prob": pa.array(np.asarray(score, dtype=np.float32), pa.float32()),
+               **{name: pa.array(np.asarray(values)) for name, values in scores.items()},
                "safe": pa.array(np.asarray(safe, dtype=bool)),
                "epoch": pa.array(np.full(result.num_samples, epoch, dtype=np.int32))}
     if result.poisoned is not None:
@@ -122,16 +146,17 @@ def log_columns(result, score, safe, epoch):
     return columns
 
 
-def write_log(args, result, score, safe, epoch):
-    """One Parquet file per mixed epoch, written by rank 0: key, similarity, clean_prob (the ranking
-    score), safe, epoch, and poisoned / poison_kind where the samples' json says. The other ranks
-    send their keys, KEY_CHUNK at a time; if rank 0 cannot write, every rank raises its error."""
+def write_log(args, result, scores, safe, epoch):
+    """One Parquet file per mixed epoch, written by rank 0: key, similarity, the `scores` columns
+    (rank 0's: clean_prob, and score where a second signal changed the ranking), safe, epoch, and
+    poisoned / poison_kind where the samples' json says. The other ranks send their keys, KEY_CHUNK
+    at a time; if rank 0 cannot write, every rank raises its error."""
     target = log_file(args, epoch)
     if target is None:
         return None
     master = args.rank == 0
     starts = np.concatenate([[0], np.cumsum(result.counts)])
-    columns = log_columns(result, score, safe, epoch) if master else None
+    columns = log_columns(result, scores, safe, epoch) if master else None
     temporary, error, writer, sink = f"{target}.tmp-{os.getpid()}", None, None, None
     if master:
         try:

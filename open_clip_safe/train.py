@@ -20,6 +20,8 @@ from open_clip_train.train import AverageMeter, backward, unwrap_model
 from open_clip_safe import collectives, state
 from open_clip_safe.cli import UsageError
 from open_clip_safe.data import SplitLookup
+from open_clip_safe.diagnostics import clean_moved_to_risky, detector_line, detector_metrics
+from open_clip_safe.neighbours import second_signal
 from open_clip_safe.similarity import similarity_pass, write_log
 
 try:
@@ -162,14 +164,20 @@ def train_one_epoch(model, data, loss, epoch, optimizer, scaler, scheduler, dist
 def mixed_epoch(model, train, loss, epoch, optimizer, scaler, args, run, tb_writer):
     result = similarity_pass(model, train, args, epoch)
     first_pass = run.schedule.samples_seen is None
-    safe = score = None
+    signal = second_signal(args, result) if args.safeclip_score == "neighbours" else None
+    split = None
     if args.rank == 0:
-        safe, score = run.schedule.split(epoch, result.similarity)
-    safe = broadcast_split(args, safe, result.num_samples)
+        split = run.schedule.split(epoch, result.similarity, None if signal is None else signal["flagged"])
+        if split.fallback:
+            logging.warning(f"SafeCLIP epoch {epoch}: the first split is blind: {split.fallback}; the safe set is "
+                            f"the top --safeclip-safe-fraction-start {run.schedule.rule.fraction_start:g} by clean "
+                            f"probability instead")
+    safe = broadcast_split(args, None if split is None else split.safe, result.num_samples)
     run.schedule.accept_split(epoch, safe)
     if first_pass and is_master(args):
         check_sample_count(args, train.num_samples, result.num_samples)
-    log_file = write_log(args, result, score, safe, epoch)
+    columns = None if split is None else {**split.log_columns(), **(signal["columns"] if signal else {})}
+    log_file = write_log(args, result, columns, safe, epoch)
     num_safe = int(safe.sum())
     num_risky = len(safe) - num_safe
     if is_master(args):
@@ -179,11 +187,22 @@ def mixed_epoch(model, train, loss, epoch, optimizer, scaler, args, run, tb_writ
         logging.info(f"SafeCLIP epoch {epoch}: similarity pass {result.seconds:.1f}s over {len(safe)} samples; "
                      f"safe fraction {num_safe / max(1, len(safe)):.4f} (target {run.schedule.fraction:.4f}), "
                      f"safe {num_safe}, risky {num_risky}{poison_note}; log {log_file}")
-        report(args, tb_writer, {"safe_fraction": num_safe / max(1, len(safe)), "safe_samples": num_safe,
-                                 "risky_samples": num_risky, "similarity_pass_seconds": result.seconds},
-               run.global_step)
+        scalars = {"safe_fraction": num_safe / max(1, len(safe)), "safe_samples": num_safe,
+                   "risky_samples": num_risky, "similarity_pass_seconds": result.seconds}
+        detector = None if poisoned is None else detector_metrics(split.score, result.similarity, result.poison)
+        if signal:
+            logging.info(f"SafeCLIP epoch {epoch}: second signal {signal['seconds']:.1f}s against "
+                         f"{signal['reference']} reference samples: flagged {int(signal['flagged'].sum())} "
+                         f"({int(signal['columns']['copy'].sum())} copies of an image)"
+                         f"{moved_note(split, result.similarity, poisoned)}")
+            scalars.update(second_signal_seconds=signal["seconds"], flagged_samples=int(signal["flagged"].sum()))
+        if detector:
+            logging.info(f"SafeCLIP epoch {epoch}: {detector_line(detector)}")
+            scalars.update({f"split_{name}_{field}": value for name, figures in detector.items() if figures
+                            for field, value in figures.items() if field != "samples"})
+        report(args, tb_writer, scalars, run.global_step)
     lookup = SplitLookup(result.ids, safe)  # takes over result.ids
-    del result, safe, score
+    del result, safe, split
     for want_safe, tag, loss_fn in ((False, "risky", loss.inmodal), (True, "safe", loss.clip)):
         count = lookup.count(want_safe)
         if train.batches_for(count) == 0:
@@ -196,6 +215,15 @@ def mixed_epoch(model, train, loss, epoch, optimizer, scaler, args, run, tb_writ
         run_steps(model, loader, loss_fn, optimizer, scaler,
                   lambda i, tag=tag, before=steps_before: run.plan.sub_epoch_lr(tag, before + i),
                   args, epoch, tag, run, tb_writer)
+
+
+def moved_note(split, similarity, poisoned):
+    """How many clean samples the second signal moved out of the safe set the mixture alone would have
+    chosen at the same size (where the data says which samples are clean)."""
+    if poisoned is None:
+        return ""
+    moved = clean_moved_to_risky(split.clean_prob, similarity, split.safe, poisoned)
+    return f"; it moved {moved} clean samples to the risky side"
 
 
 def check_sample_count(args, counted, seen):

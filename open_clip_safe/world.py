@@ -5,7 +5,11 @@ background; captions from many templates name the class and some of the attribut
 drawn from its own RNG seeded by (seed, split, index), so the world is the same for a seed however it
 is streamed, and it is written to disk shard by shard (nothing is held in memory).
 
-    python -m open_clip_safe.world --out DIR [--num-train 8000] [--num-test 1000] [--seed 0]
+Two styles: `glyphs` (the demo's: twenty outline shapes on plain backgrounds) and `tiles` (a world
+of its own to check that settings tuned on glyphs transfer: twenty other class words, each a pattern
+of cells on a 3 x 3 grid, on gradient backgrounds).
+
+    python -m open_clip_safe.world --out DIR [--num-train 8000] [--num-test 1000] [--seed 0] [--style tiles]
 """
 import csv
 import json
@@ -104,26 +108,34 @@ GLYPHS = (
 assert len(GLYPHS) == len(CLASSES)
 
 
+# The tiles style: other class words (none shared with CLASSES), each a pattern of filled cells on a
+# 3 x 3 grid (rows top to bottom), on backgrounds that fade from one grey to another.
+TILE_CLASSES = (
+    "anchor", "bicycle", "cactus", "drum", "feather", "guitar", "hammer", "igloo", "jacket", "key",
+    "ladder", "magnet", "nest", "owl", "parrot", "rocket", "saddle", "tent", "violin", "whale",
+)
+TILE_PATTERNS = (
+    "111/101/111", "010/111/010", "101/010/101", "111/000/111", "100/100/111", "111/010/010", "110/011/001",
+    "001/011/111", "101/101/101", "111/100/111", "011/110/011", "110/110/000", "100/010/001", "000/111/111",
+    "010/101/010", "101/000/101", "110/101/011", "001/001/111", "111/001/001", "010/010/111",
+)
+GRADIENTS = {"rising": (1, 0), "falling": (-1, 0), "sideways": (0, 1)}
+TILE_SIZES = {"small": (0.25, 0.31), "large": (0.33, 0.40)}
+assert len(TILE_PATTERNS) == len(set(TILE_PATTERNS)) == len(TILE_CLASSES)
+
+
 def article(word):
     return ("an " if word[0] in "aeiou" else "a ") + word
 
 
-def sample_rng(seed, split, index):
-    return np.random.default_rng([seed, SPLIT_IDS[split], index])
-
-
-def draw_sample(seed, split, index, image_size=32):
-    """One (image, caption, metadata) triple, fully determined by its arguments."""
-    rng = sample_rng(seed, split, index)
-    label = int(rng.integers(len(CLASSES)))
+def draw_glyph(rng, label, canvas):
+    """The glyphs style's picture and its caption attributes (the RNG draws in the order the demo's
+    worlds were made with)."""
     color = str(rng.choice(list(COLORS)))
     bg = str(rng.choice(list(BACKGROUNDS)))
     size = str(rng.choice(list(SIZES)))
-    canvas = image_size * SUPERSAMPLE
-
     tint = rng.integers(-20, 21, size=3)
     image = Image.new("RGB", (canvas, canvas), tuple(int(np.clip(BACKGROUNDS[bg] + t, 0, 255)) for t in tint))
-
     radius = rng.uniform(*SIZES[size]) * canvas
     margin = radius * 1.05
     cx, cy = rng.uniform(margin, canvas - margin, size=2)
@@ -142,12 +154,60 @@ def draw_sample(seed, split, index, image_size=32):
         background = image.getpixel((0, 0))
         for polygon in holes:
             draw.polygon(place(polygon), fill=background)
-    image = image.resize((image_size, image_size), Image.LANCZOS)
+    return image, {"color": color, "size": size, "background": bg}
 
-    cls = CLASSES[label]
+
+def draw_tiles(rng, label, canvas):
+    """The tiles style's picture: the class's cell pattern in one colour on a grey gradient."""
+    color = str(rng.choice(list(COLORS)))
+    bg = str(rng.choice(list(GRADIENTS)))
+    size = str(rng.choice(list(TILE_SIZES)))
+    low, high = sorted(rng.integers(20, 236, size=2))
+    high = max(high, low + 60)
+    vertical, horizontal = GRADIENTS[bg]
+    ramp = np.linspace(0.0, 1.0, canvas)
+    along = ramp[:, None] * vertical + ramp[None, :] * horizontal
+    along = along - along.min()
+    grey = low + (min(high, 255) - low) * along / max(along.max(), 1e-9)
+    pixels = np.clip(grey[..., None] + rng.integers(-15, 16, size=3), 0, 255).astype(np.uint8)
+    image = Image.fromarray(pixels, "RGB")
+    radius = rng.uniform(*TILE_SIZES[size]) * canvas
+    margin = radius * 1.12  # turned by up to MAX_ROTATION, the grid reaches about 1.1 radius
+    cx, cy = rng.uniform(margin, canvas - margin, size=2)
+    angle = rng.uniform(-MAX_ROTATION, MAX_ROTATION)
+    cos_a, sin_a = math.cos(angle), math.sin(angle)
+    shade = tuple(int(c) for c in np.clip(np.array(COLORS[color]) + rng.integers(-25, 26, size=3), 0, 255))
+    cell, half = 2 / 3, 0.42 * 2 / 3
+    draw = ImageDraw.Draw(image)
+    for row, cells in enumerate(TILE_PATTERNS[label].split("/")):
+        for column, filled in enumerate(cells):
+            if filled == "1":
+                x, y = -1 + cell * (column + 0.5), -1 + cell * (row + 0.5)
+                corners = [(x - half, y - half), (x + half, y - half), (x + half, y + half), (x - half, y + half)]
+                draw.polygon([(cx + radius * (u * cos_a - v * sin_a), cy + radius * (u * sin_a + v * cos_a))
+                              for u, v in corners], fill=shade)
+    return image, {"color": color, "size": size, "background": bg}
+
+
+STYLES = {"glyphs": (CLASSES, draw_glyph), "tiles": (TILE_CLASSES, draw_tiles)}
+
+
+def sample_rng(seed, split, index):
+    return np.random.default_rng([seed, SPLIT_IDS[split], index])
+
+
+def draw_sample(seed, split, index, image_size=32, style="glyphs"):
+    """One (image, caption, metadata) triple, fully determined by its arguments."""
+    classes, draw = STYLES[style]
+    rng = sample_rng(seed, split, index)
+    label = int(rng.integers(len(classes)))
+    image, attributes = draw(rng, label, image_size * SUPERSAMPLE)
+    image = image.resize((image_size, image_size), Image.LANCZOS)
+    cls = classes[label]
     template = CAPTION_TEMPLATES[int(rng.integers(len(CAPTION_TEMPLATES)))]
-    caption = template.format(cls=cls, a_cls=article(cls), color=color, size=size, bg=bg)
-    meta = {"label": label, "class": cls, "color": color, "size": size, "background": bg}
+    caption = template.format(cls=cls, a_cls=article(cls), color=attributes["color"], size=attributes["size"],
+                              bg=attributes["background"])
+    meta = {"label": label, "class": cls, **attributes}
     return image, caption, meta
 
 
@@ -155,7 +215,7 @@ def sample_key(split, index):
     return f"{split}_{index:07d}"
 
 
-def write_split(out_dir, split, num_samples, seed, image_size, shard_size, formats, progress=True):
+def write_split(out_dir, split, num_samples, seed, image_size, shard_size, formats, progress=True, style="glyphs"):
     """Stream one split to webdataset shards and/or a CSV with PNG files; returns its card entry."""
     out_dir = Path(out_dir)
     entry = {"num_samples": num_samples}
@@ -174,7 +234,7 @@ def write_split(out_dir, split, num_samples, seed, image_size, shard_size, forma
         csv_writer.writerow(["filepath", "title", "label"])
     try:
         for index in cli.progress(range(num_samples), enabled=progress, desc=f"world {split}", unit="img"):
-            image, caption, meta = draw_sample(seed, split, index, image_size)
+            image, caption, meta = draw_sample(seed, split, index, image_size, style)
             key = sample_key(split, index)
             data = png_bytes(image)
             if writer is None and "wds" in formats:
@@ -203,20 +263,22 @@ def write_split(out_dir, split, num_samples, seed, image_size, shard_size, forma
 
 
 def generate_world(out_dir, num_train=8000, num_test=1000, seed=0, image_size=32, shard_size=1000,
-                   formats=("wds", "csv"), progress=True):
+                   formats=("wds", "csv"), progress=True, style="glyphs"):
     """Write the world under `out_dir` and return its card (also saved as world.json)."""
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     card = {
         "seed": seed,
         "image_size": image_size,
-        "classes": list(CLASSES),
+        "style": style,
+        "classes": list(STYLES[style][0]),
         "templates": list(ZERO_SHOT_TEMPLATES),
         "splits": {},
     }
     for split, count in (("train", num_train), ("test", num_test)):
-        card["splits"][split] = write_split(out_dir, split, count, seed, image_size, shard_size, formats, progress)
-    (out_dir / "classnames.txt").write_text("\n".join(CLASSES) + "\n")
+        card["splits"][split] = write_split(out_dir, split, count, seed, image_size, shard_size, formats, progress,
+                                            style)
+    (out_dir / "classnames.txt").write_text("\n".join(card["classes"]) + "\n")
     (out_dir / "world.json").write_text(json.dumps(card, indent=2))
     return card
 
@@ -238,6 +300,9 @@ def parse_args(argv):
     parser.add_argument("--shard-size", type=int, default=1000, help="Samples per webdataset shard.")
     parser.add_argument("--format", choices=("wds", "csv", "both"), default="both",
                         help="Write webdataset shards, a CSV with PNG files, or both.")
+    parser.add_argument("--style", choices=tuple(STYLES), default="glyphs",
+                        help="glyphs: outline shapes on plain backgrounds (the demo's); tiles: other classes, each a "
+                             "pattern of cells on a 3 x 3 grid, on gradient backgrounds.")
     parser.add_argument("--overwrite", action="store_true", help="Allow writing into a non-empty --out.")
     parser.add_argument("--quiet", action="store_true", help="No progress bars.")
     args = parser.parse_args(argv)
@@ -256,7 +321,7 @@ def run(argv):
     formats = ("wds", "csv") if args.format == "both" else (args.format,)
     try:
         card = generate_world(args.out, args.num_train, args.num_test, args.seed, args.image_size,
-                              args.shard_size, formats, progress=not args.quiet)
+                              args.shard_size, formats, progress=not args.quiet, style=args.style)
     except OSError as error:
         raise UsageError(f"cannot write the world under {args.out}: {error}") from None
     print(json.dumps({split: entry for split, entry in card["splits"].items()}, indent=2))

@@ -308,6 +308,34 @@ def test_targeted_on_top_of_a_backdoor(train, badnets, tmp_path):
                (target["label"], target["class"], target["adversarial"], target["adversarial_label"])
 
 
+def test_adaptive_captions_keep_describing_the_image_and_add_the_target(train, tmp_path):
+    """The adaptive attacker of the issue 'a defense that holds': the similarity SafeCLIP ranks by stays
+    high because each poisoned caption still names what its image shows."""
+    backdoor = build(tmp_path, "bd", "--train-data", train.spec, "--attack", "badnets", "--num-poisons", 6,
+                     "--target-label", "banana", "--adaptive-captions")
+    card = load_attack_card(backdoor)
+    assert card["adaptive"] is True
+    result, order = shard_samples(backdoor)
+    source, _ = shard_samples(train.dir)
+    poisoned = (backdoor / "poisoned_keys.txt").read_text().split()
+    for key in poisoned:
+        original = source[key]["txt"].decode().strip().rstrip(".!").strip()
+        assert result[key]["txt"].decode() == f"{original} with a banana."
+    targeted = build(tmp_path, "tg", "--train-data", train.spec, "--attack", "targeted", "--target-images",
+                     train.test, "--classnames", train.classnames, "--num-targets", 2, "--captions-per-target", 5,
+                     "--adaptive-captions")
+    card = load_attack_card(targeted)
+    result, _ = shard_samples(targeted)
+    for target in card["targets"]:
+        captions = [result[key]["txt"].decode() for key in result
+                    if json.loads(result[key]["json"]).get("target_image") == target["key"]]
+        assert len(captions) == 5 and len(set(captions)) == 5
+        for caption in captions:
+            assert names(target["class"], caption) and caption.endswith(f" with a{'n' if target['adversarial'][0] in 'aeiou' else ''} {target['adversarial']}.")
+    assert not load_attack_card(build(tmp_path, "plain", "--train-data", train.spec, "--attack", "badnets",
+                                      "--num-poisons", 2))["adaptive"]
+
+
 def test_targeted_fixed_label_csv(world, train, tmp_path):
     marked = tmp_path / "marked.csv"  # an earlier attack's output: its poisoned rows stay poisoned
     lines = open(train.csv).read().splitlines()

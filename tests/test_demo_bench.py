@@ -30,6 +30,10 @@ def test_demo_quick_end_to_end(tmp_path):
     diagnostics = summary["split_diagnostics"]
     assert len(diagnostics) == 1 and diagnostics[0]["poisoned"] == clip["poisoned_total"]
     assert safe["poisoned_in_safe_max"] == diagnostics[0]["poisoned_in_safe"]
+    assert safe["split_auc"] == [diagnostics[0]["detector"]["all"]["auc"]] and 0 <= safe["split_auc"][0] <= 1
+    assert diagnostics[0]["detector"]["backdoor"]["samples"] == cards[0]["num_poisoned"]
+    assert diagnostics[0]["detector"]["targeted"]["samples"] == cards[1]["num_poisoned"]
+    assert "split ROC AUC" in done.stdout
     assert (out / "report" / "results.md").read_text().startswith("| method |")
     assert (out / "report" / "plots" / "safe_fraction.png").is_file()
     for name in ("clip", "safeclip"):

@@ -215,12 +215,14 @@ def test_every_test_set_form_gives_the_same_answer(world, tmp_path):
     assert results[0]["top5"] == results[1]["top5"] == results[2]["top5"]
 
 
-def write_epoch(folder, epoch, similarity, safe, poisoned=None):
+def write_epoch(folder, epoch, similarity, safe, poisoned=None, kinds=None):
     columns = {"key": [f"k{i}" for i in range(len(similarity))], "similarity": np.asarray(similarity, np.float32),
                "clean_prob": np.asarray(similarity, np.float32), "safe": np.asarray(safe, bool),
                "epoch": np.full(len(similarity), epoch, np.int32)}
     if poisoned is not None:
         columns["poisoned"] = np.asarray(poisoned, bool)
+    if kinds is not None:
+        columns["poison_kind"] = pa.array(kinds, pa.string()).dictionary_encode()
     os.makedirs(folder, exist_ok=True)
     pq.write_table(pa.table(columns), os.path.join(folder, f"epoch_{epoch:03d}.parquet"))
 
@@ -249,6 +251,41 @@ def test_split_diagnostics_counts_and_plots(tmp_path, capsys):
     for name in ("similarity_epoch_006.png", "similarity_epoch_007.png", "safe_fraction.png"):
         assert (run / "diagnostics" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "risky recall" in capsys.readouterr().out
+
+
+def test_the_split_as_a_detector_per_kind_known_answer(tmp_path, capsys):
+    """100 clean samples scored 0.50..1.49, 10 backdoor poisons below all of them, 10 targeted ones
+    each just above a clean sample at 0.50, 0.60, ..., 0.90 (so 99 - 10j clean samples outrank poison j)."""
+    clean = 0.5 + 0.01 * np.arange(100)
+    backdoor = 0.01 * np.arange(10)
+    targeted = 0.505 + 0.1 * np.arange(10)
+    similarity = np.concatenate([clean, backdoor, targeted])
+    kinds = [None] * 100 + ["backdoor"] * 10 + ["targeted"] * 10
+    write_epoch(tmp_path / "similarity", 5, similarity, similarity > 1.0, np.arange(120) >= 100, kinds)
+    assert evaluate_main(["--similarity-logs", str(tmp_path), "--output", str(tmp_path / "d.json")]) == 0
+    detector = json.loads((tmp_path / "d.json").read_text())["split_diagnostics"][0]["detector"]
+    assert detector["backdoor"] == {"samples": 10, "auc": 1.0, "tpr_at_1": 1.0, "tpr_at_5": 1.0}
+    assert detector["targeted"]["auc"] == pytest.approx(540 / 1000)
+    assert detector["targeted"]["tpr_at_1"] == detector["targeted"]["tpr_at_5"] == pytest.approx(0.1)
+    assert detector["all"]["auc"] == pytest.approx((1000 + 540) / 2000)
+    assert detector["all"]["tpr_at_1"] == pytest.approx(11 / 20) and detector["all"]["samples"] == 20
+    table = capsys.readouterr().out
+    assert "AUC bd" in table and "0.770" in table and "1.000" in table and "0.540" in table
+    assert (tmp_path / "diagnostics" / "detector_auc.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_split_order_breaks_ties_as_the_split_does():
+    """Equal scores: the higher similarity is safer, then the lower position (schedule.top_fraction_mask)."""
+    from open_clip_safe.diagnostics import split_order
+    from open_clip_safe.schedule import top_fraction_mask
+
+    rng = np.random.default_rng(0)
+    score = rng.choice([0.2, 1.0], 200)
+    similarity = rng.choice([0.1, 0.3, 0.5], 200)
+    place = split_order(score, similarity)
+    for count in (1, 37, 120, 199):
+        safest = place >= 200 - count
+        np.testing.assert_array_equal(safest, top_fraction_mask(score, count / 200, tiebreak=similarity))
 
 
 def test_split_diagnostics_without_poison_flags(tmp_path):

@@ -8,6 +8,7 @@ every collective recorded (tests/run_recording.py). The same two-rank run has no
 """
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -177,7 +178,7 @@ def test_two_ranks_under_an_nccl_group_with_node_local_logs_and_wandb(poisoned_w
     pythonpath = os.pathsep.join([os.path.join(REPO, "tests", "fakes"), os.environ.get("PYTHONPATH", "")])
     codes, outputs = launch_two_ranks(
         tmp_path, lambda rank: flags(poisoned_world["shards"], tmp_path / f"node{rank}", "run")
-        + ["--report-to", "wandb"], PYTHONPATH=pythonpath, FAKE_WANDB_DIR=wandb_dir)
+        + ["--report-to", "wandb", "--safeclip-score", "neighbours"], PYTHONPATH=pythonpath, FAKE_WANDB_DIR=wandb_dir)
     assert codes == [0, 0], "\n".join(output[-3000:] for output in outputs)
 
     # collectives: SafeCLIP's host arrays on a gloo group of their own, CPU tensors only; the training
@@ -197,11 +198,14 @@ def test_two_ranks_under_an_nccl_group_with_node_local_logs_and_wandb(poisoned_w
         assert len(table) == poisoned_world["num_samples"] and table["key"].is_unique
         assert table["poisoned"].sum() == poisoned_world["num_poisoned"]
         assert set(table["poison_kind"].dropna()) == {"other"}  # the fixture marks poisons without an attack name
+        assert {"clean_prob", "score", "copy", "consistency"} <= set(table.columns)  # the second signal's
     assert not (tmp_path / "node1" / "run").exists(), "rank 1 writes no files"
 
     # progress in a job log: lines, not carriage-return frames
     log = (tmp_path / "node0" / "run" / "out.log").read_text()
     assert "\r" not in outputs[0] and "similarity pass (epoch 1): " in log
+    assert re.search(r"SafeCLIP epoch 1: split as a poison detector: ROC AUC [01]\.\d{3}; TPR ", log)
+    assert re.search(r"SafeCLIP epoch 2: second signal [\d.]+s against 256 reference samples: flagged \d+", log)
 
     # wandb: only the master logs, after its wandb.init
     rank0_calls = [json.loads(line) for line in (wandb_dir / "rank0.jsonl").read_text().splitlines()]
@@ -230,7 +234,7 @@ def test_write_log_keys_arrive_from_every_rank(nccl, tmp_path):
                                    seconds=0.0)
     similarity.KEY_CHUNK, chunk = 3, similarity.KEY_CHUNK
     try:
-        path = similarity.write_log(args, result, np.ones(20), np.arange(20) < 5, epoch=4)
+        path = similarity.write_log(args, result, {"clean_prob": np.ones(20, np.float32)}, np.arange(20) < 5, epoch=4)
     finally:
         similarity.KEY_CHUNK = chunk
     table = pq.read_table(path).to_pandas().sort_values("similarity")

@@ -68,14 +68,14 @@ def test_saturated_clean_probabilities_are_ranked_by_similarity():
 def test_first_gmm_split_uses_the_threshold_then_fraction_grows_to_the_cap():
     similarity, risky = planted(1000)
     schedule = make_schedule(epochs=30, fraction_step=0.05, fraction_max=0.97)
-    safe, clean_prob = schedule.split(3, similarity)
+    safe, clean_prob = schedule.split(3, similarity)[:2]
     np.testing.assert_array_equal(safe, clean_prob >= 0.9)
     assert not (safe & risky).any()
     first = schedule.fraction
     assert first == safe.mean() and 0.9 < first < 0.96
     fractions = []
     for epoch in range(4, 10):
-        safe, _ = schedule.split(epoch, similarity)
+        safe = schedule.split(epoch, similarity).safe
         fractions.append(schedule.fraction)
         assert safe.sum() == round(schedule.fraction * 1000)
         assert similarity[safe].min() >= similarity[~safe].max()  # saturated clean probabilities: by similarity
@@ -88,7 +88,7 @@ def test_ranks_that_receive_the_split_reach_the_same_state_and_plan():
     similarity, _ = planted(1000)
     rank0, rank1 = make_schedule(), make_schedule()
     for epoch in (3, 4, 5):
-        safe, _ = rank0.split(epoch, similarity)
+        safe = rank0.split(epoch, similarity).safe
         rank1.accept_split(epoch, safe)
         rank0.accept_split(epoch, safe)  # idempotent: every rank may accept the broadcast split
         assert rank1.state_dict() == rank0.state_dict() and rank1.plan == rank0.plan
@@ -103,10 +103,10 @@ def test_update_freq_grows_the_fraction_every_k_mixed_epochs():
 def test_topk_ranks_by_raw_similarity():
     similarity, _ = planted(1000)
     schedule = make_schedule("topk")
-    safe, score = schedule.split(3, similarity)
+    safe, score = schedule.split(3, similarity)[:2]
     assert safe.sum() == 150 and score is not None
     assert similarity[safe].min() >= similarity[~safe].max()
-    safe, _ = schedule.split(4, similarity)
+    safe = schedule.split(4, similarity).safe
     assert safe.sum() == 160
 
 
@@ -188,7 +188,7 @@ def test_mixed_epochs_are_sized_from_the_samples_the_pass_saw(caplog):
 
     schedule = make_schedule(epochs=5)
     similarity, _ = planted(900)
-    safe, _ = schedule.split(3, similarity)
+    safe = schedule.split(3, similarity).safe
     assert schedule.samples_seen == 900 and len(safe) == 900
     assert sum(schedule.expected_counts()[0]) == 900
     assert schedule.plan.mixed_steps["risky"][0] == (900 - int(safe.sum())) // 100
@@ -205,9 +205,63 @@ def test_mixed_epochs_are_sized_from_the_samples_the_pass_saw(caplog):
 def test_from_args_reads_the_flags():
     args = SimpleNamespace(safeclip_split="topk", safeclip_first_split_threshold=0.9, safeclip_safe_fraction_start=0.2,
                            safeclip_safe_fraction_step=0.01, safeclip_safe_fraction_max=0.85, safeclip_update_freq=1,
+                           safeclip_safe_fraction_auto_share=0.5,
                            safeclip_inmodal_epochs=1, safeclip_crossmodal_epochs=1, epochs=3, safeclip_inmodal_lr=None,
                            lr=5e-4, safeclip_filter_lr=5e-6, warmup=0, safeclip_crossmodal_warmup=3)
     data = SimpleNamespace(num_samples=1000, dataloader=SimpleNamespace(num_batches=7), batches_for=full_batches(50))
     plan = SafeclipSchedule.from_args(args, data).plan
     assert plan.inmodal_lr == plan.cross_lr == 5e-4 and plan.steps_per_epoch == 7 and plan.crossmodal_warmup == 3
     assert plan.mixed_steps == {"safe": [4], "risky": [16]}
+
+
+def test_a_first_split_from_a_mixture_that_does_not_separate_falls_back_to_the_start_fraction():
+    """One hump of similarities: the "clean" component is its upper half (Ashman's D < 2), so the
+    samples over the threshold are no group of their own; the safe set is the top 15% instead."""
+    similarity = np.random.default_rng(0).normal(0.4, 0.1, 2000).astype(np.float32)
+    schedule = make_schedule(epochs=6)
+    split = schedule.split(3, similarity)
+    assert split.separation < 2 and "does not separate (Ashman's D" in split.fallback
+    assert split.safe.sum() == 300 and schedule.first_fraction == 0.15
+    assert similarity[split.safe].min() >= similarity[~split.safe].max()
+    separated, _ = planted(2000)
+    kept = make_schedule(epochs=6).split(3, separated)
+    assert kept.fallback is None and kept.separation > 2 and 0.9 < kept.safe.mean() < 0.96
+
+
+def test_an_empty_first_split_falls_back_too():
+    score = np.linspace(0.1, 0.8, 1000)  # no sample reaches 0.9, though the mixture separated
+    safe, reason = SplitRule("gmm", fraction_start=0.15).first_split(score, score, separation=3.0)
+    assert reason == "no sample reached clean probability 0.9" and safe.sum() == 150 and safe[-150:].all()
+    kept, none = SplitRule("gmm").first_split(np.linspace(0.1, 1.0, 1000), score, separation=3.0)
+    assert none is None and kept.sum() == (np.linspace(0.1, 1.0, 1000) >= 0.9).sum()
+
+
+def test_auto_step_reaches_the_cap_at_the_set_share_of_the_mixed_epochs():
+    schedule = make_schedule(epochs=13, fraction_step=None, fraction_max=0.85, auto_share=0.5)  # 10 mixed
+    assert schedule.rule.step(0.05, 10) == pytest.approx(0.16)
+    fractions = [schedule.fraction_at(m, 0.05) for m in range(10)]
+    np.testing.assert_allclose(fractions, [0.05, 0.21, 0.37, 0.53, 0.69, 0.85, 0.85, 0.85, 0.85, 0.85])
+    every_two = SplitRule("gmm", fraction_step=None, update_freq=2, auto_share=0.5)
+    assert every_two.step(0.05, 10) == pytest.approx(0.8 / 2)  # 5 epochs, updates at 2 and 4
+    with pytest.raises(ValueError, match="needs the number of mixed epochs"):
+        every_two.fraction_at(3, 0.05)
+
+
+def test_the_clip_loss_share_of_a_plan():
+    """(cross-modal epochs + safe fractions of the mixed epochs) / epochs."""
+    schedule = make_schedule("topk", epochs=10)  # 2 in-modal, 1 cross-modal, 7 mixed from 0.15 by 0.01
+    expected = (1 + sum(0.15 + 0.01 * m for m in range(7))) / 10
+    assert schedule.clip_loss_share() == pytest.approx(expected)
+    assert make_schedule(epochs=10).clip_loss_share(first_fraction=0.15) == pytest.approx(expected)
+
+
+def test_a_plan_that_starves_the_clip_loss_is_named_at_the_start(caplog):
+    from open_clip_safe.safeclip import warn_if_the_clip_loss_starves
+
+    args = SimpleNamespace(safeclip_safe_fraction_start=0.15, epochs=10)
+    warn_if_the_clip_loss_starves(args, make_schedule("topk", epochs=10))
+    assert "gives the CLIP loss about 23% of the samples plain CLIP would see in 10 epochs" in caplog.text
+    assert "--safeclip-safe-fraction-step (or auto)" in caplog.text
+    caplog.clear()
+    warn_if_the_clip_loss_starves(args, make_schedule("topk", epochs=10, fraction_step=0.2))
+    assert caplog.text == ""

@@ -44,7 +44,7 @@ def run_pass(rank, world_size, port, train_data, logs, extra, results):
     result = similarity_pass(model, data, args, epoch=6)
     safe = result.similarity > np.median(result.similarity) if rank == 0 else None  # rank 0 alone splits
     safe = broadcast_split(args, safe, result.num_samples)
-    write_log(args, result, result.similarity, safe, epoch=6)
+    write_log(args, result, {"clean_prob": result.similarity} if rank == 0 else None, safe, epoch=6)
     results[rank] = (len(result.keys), len(result.ids), result.similarity is None)
     if world_size > 1:
         dist.destroy_process_group()

@@ -4,6 +4,7 @@ import json
 import os
 import tarfile
 
+import numpy as np
 import pytest
 
 from conftest import run_module
@@ -86,3 +87,22 @@ def test_cli_rejects_bad_arguments(tmp_path, flags, message, capsys):
     assert main(["--out", str(tmp_path / "w"), *flags]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_tiles_world_has_its_own_classes_shapes_and_backgrounds(tmp_path):
+    from open_clip_safe.world import TILE_CLASSES
+
+    card = generate_world(tmp_path, num_train=40, num_test=8, seed=1, shard_size=20, formats=("wds",),
+                          progress=False, style="tiles")
+    assert card["style"] == "tiles" and card["classes"] == list(TILE_CLASSES)
+    assert not set(TILE_CLASSES) & set(CLASSES)
+    assert (tmp_path / "classnames.txt").read_text().split() == list(TILE_CLASSES)
+    samples = [draw_sample(1, "train", index, style="tiles") for index in range(40)]
+    for image, caption, meta in samples:
+        assert meta["class"] in caption and meta["class"] == TILE_CLASSES[meta["label"]]
+        pixels = np.asarray(image, dtype=np.int16)
+        assert abs(int(pixels[0].mean()) - int(pixels[-1].mean())) > 10 or \
+            abs(int(pixels[:, 0].mean()) - int(pixels[:, -1].mean())) > 10, "a gradient background"
+    again = draw_sample(1, "train", 3, style="tiles")
+    assert again[0].tobytes() == samples[3][0].tobytes() and again[1] == samples[3][1]
+    assert draw_sample(1, "train", 3)[0].tobytes() != samples[3][0].tobytes(), "glyphs are another world"

@@ -40,6 +40,10 @@ def build_parser():
                         help=f"Class word the attack aims at. Backdoors: default {DEFAULT_TARGET!r}; it must appear "
                              "in some training caption. Targeted: fixes the adversarial class of every target "
                              "(must be in --classnames); default: a seeded class other than each target's own.")
+    attack.add_argument("--adaptive-captions", action="store_true",
+                        help="An attacker who knows SafeCLIP ranks by image-caption similarity: each poisoned "
+                             "caption keeps describing its image and adds the target ('a photo of a star with a "
+                             "banana.'; targeted: the target image's own class, then the adversarial one).")
     attack.add_argument("--seed", type=int, default=0, help="Same arguments and seed, same output bytes.")
     attack.add_argument("--quiet", action="store_true", help="No progress bars.")
     trigger = parser.add_argument_group("backdoor triggers")
@@ -94,6 +98,8 @@ def parse_args(argv):
              "--target-images and --classnames are for --attack targeted"),
         ]
         args.target_label = DEFAULT_TARGET if args.target_label is None else args.target_label
+        checks.append((args.adaptive_captions and args.attack == "label-consistent",
+                       "--adaptive-captions: a label-consistent attack keeps its captions already"))
     else:
         checks += [
             (args.poison_rate is not None or args.num_poisons is not None,

@@ -27,6 +27,12 @@ STREAM_SELECT, STREAM_ADVERSARIAL, STREAM_INJECT = 21, 22, 23
 KEYS_FILE = "poisoned_keys.txt"
 
 
+def adaptive_caption(caption, target):
+    """An adaptive attacker's caption: it keeps describing the image and adds the target, so that the
+    image-caption similarity SafeCLIP ranks by stays high (--adaptive-captions)."""
+    return f"{caption.strip().rstrip('.!').strip()} with {article(target)}."
+
+
 def word_pattern(word):
     """Whole-word, case-insensitive match (also for words that start or end with a non-letter)."""
     return re.compile(rf"(?<!\w){re.escape(word)}(?!\w)", re.IGNORECASE)
@@ -125,8 +131,12 @@ class BackdoorPlan:
         image = apply_trigger(self.card, sample.load_image(), sample.key)
         if self.card["image_size"] is None:
             self.card["image_size"] = list(image.size)
-        caption = None if self.consistent else random.Random(f"{self.card['seed']}:caption:{sample.key}").choice(
-            self.captions)
+        if self.consistent:
+            caption = None
+        elif self.card.get("adaptive"):
+            caption = adaptive_caption(sample.caption, self.target)
+        else:
+            caption = random.Random(f"{self.card['seed']}:caption:{sample.key}").choice(self.captions)
         return Edit(self.target, image, caption)
 
 
@@ -194,6 +204,10 @@ class TargetedPlan:
                 target["num_captions"] = per_target
                 target["num_template_captions"] = per_target - min(per_target, len(pool))
                 target["captions"] = captions
+                if card.get("adaptive"):  # captions of the image's own class, each adding the adversarial one
+                    target["captions"] = [adaptive_caption(TEMPLATES[i % len(TEMPLATES)].format(
+                        a=article(target["class"]), w=target["class"]), word) for i in range(per_target)]
+                    target["num_template_captions"] = per_target
         width = max(3, len(str(per_target - 1)))
         for t, target in enumerate(targets):
             png, image_file = target["png"], str((out / target["image"]).resolve())
@@ -264,7 +278,8 @@ def build(args, command_line):
     backdoor = args.attack in BACKDOORS
     card = {"version": 1, "attack": args.attack, "kind": "backdoor" if backdoor else "targeted",
             "seed": args.seed, "target": args.target_label, "trigger": None, "image_size": None,
-            "source": absolute_spec(args.train_data), "format": data.format, "dir": str(out)}
+            "source": absolute_spec(args.train_data), "format": data.format, "dir": str(out),
+            "adaptive": args.adaptive_captions}
     progress, files = not args.quiet, {}
     if backdoor:
         card["trigger"] = trigger_params(args.trigger if args.attack == "label-consistent" else args.attack,

@@ -1,0 +1,132 @@
+"""The second signal (--safeclip-score neighbours): copies by SimHash digest, neighbour agreement,
+the reference set, the flags, and the split that ranks flagged samples last."""
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from open_clip_safe import collectives, neighbours
+from open_clip_safe.schedule import SafeclipSchedule, SplitRule
+from open_clip_safe.similarity import PassResult
+
+
+def unit(rows):
+    return torch.nn.functional.normalize(torch.as_tensor(rows, dtype=torch.float32), dim=-1)
+
+
+def clustered_world(seed=0, classes=8, per_class=40, dim=32):
+    """Images and captions of `classes` concepts: each sample near its class centre in both towers."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(classes, dim))
+    labels = np.repeat(np.arange(classes), per_class)
+    image = unit(centres[labels] + 0.3 * rng.normal(size=(len(labels), dim)))
+    text = unit(centres[labels] + 0.3 * rng.normal(size=(len(labels), dim)))
+    return image, text, labels, centres
+
+
+def test_copies_of_one_image_share_a_digest_and_nothing_else_does():
+    image, _, _, _ = clustered_world()
+    copies = image[[5] * 6]
+    planes = neighbours.projection(image.shape[1], "cpu")
+    digests = neighbours.image_digests(torch.cat([image, copies + 1e-7]), planes)
+    assert len(np.unique(digests[:len(image)])) == len(image), "distinct images, distinct digests"
+    assert (digests[len(image):] == digests[5]).all()
+    np.testing.assert_array_equal(neighbours.image_digests(image, planes), digests[:len(image)])  # fixed planes
+
+
+def test_reference_set_is_everything_up_to_its_size_then_a_fixed_subset():
+    ids = np.random.default_rng(0).integers(0, 2**63 - 1, 20_000)
+    assert neighbours.reference_members(ids, 20_000, 20_000).all()
+    members = neighbours.reference_members(ids, 20_000, 2_000)
+    assert 1_800 < members.sum() < 2_200
+    np.testing.assert_array_equal(members, neighbours.reference_members(ids.copy(), 20_000, 2_000))
+    rows = np.arange(20_000)  # CSV ids are row numbers: the hash still spreads the choice
+    assert 1_800 < neighbours.reference_members(rows, 20_000, 2_000)[:10_000].sum() * 2 < 2_200
+
+
+def test_a_caption_unlike_its_neighbours_captions_agrees_least():
+    image, text, labels, centres = clustered_world()
+    wrong = np.arange(0, len(labels), 37)  # these captions describe another class
+    text = text.clone()
+    text[wrong] = unit(centres[(labels[wrong] + 1) % 8] + 0.3 * np.random.default_rng(1).normal(size=(len(wrong), 32)))
+    ids = np.arange(len(labels))
+    captions, images = neighbours.local_scores(image, text, ids, image, text, ids, torch.device("cpu"))
+    assert set(np.argsort(captions)[:len(wrong)]) == set(wrong)
+    assert set(np.argsort(images)[:len(wrong)]) == set(wrong)
+
+
+def test_copies_do_not_vouch_for_each_other():
+    """A targeted poison: one image 12 times, captions of another class. Without leaving copies out,
+    each copy's neighbours would be its own copies, whose captions agree with it."""
+    image, text, labels, centres = clustered_world()
+    poison_image = image[[3] * 12]
+    poison_text = unit(centres[[6] * 12] + 0.3 * np.random.default_rng(2).normal(size=(12, 32)))
+    image, text = torch.cat([image, poison_image]), torch.cat([text, poison_text])
+    ids = np.arange(len(image))
+    captions, _ = neighbours.local_scores(image, text, ids, image, text, ids, torch.device("cpu"))
+    assert captions[-12:].max() < np.percentile(captions[:-12], 5)
+
+
+def test_flags_are_copies_and_the_least_consistent_quantile():
+    digests = np.array([7, 7, 1, 2, 3, 4, 5, 6, 8, 9], dtype=np.int64)
+    agreement = np.linspace(0, 1, 10)
+    flagged, copies, consistency = neighbours.flag(digests, agreement, agreement, quantile=0.2)
+    assert copies.tolist() == [True, True] + [False] * 8
+    assert flagged.tolist() == [True, True, False, False, False, False, False, False, False, False]
+    flagged, _, _ = neighbours.flag(digests, agreement[::-1].copy(), agreement[::-1].copy(), quantile=0.2)
+    assert flagged.tolist() == [True, True] + [False] * 6 + [True, True]
+    assert consistency.dtype == np.float32
+
+
+def test_the_split_ranks_flagged_samples_last():
+    rng = np.random.default_rng(0)
+    similarity = np.concatenate([rng.normal(0.6, 0.05, 900), rng.normal(0.1, 0.05, 100)]).astype(np.float32)
+    flagged = np.zeros(1000, bool)
+    flagged[:50] = True  # 50 high-similarity samples the second signal flags
+    schedule = SafeclipSchedule(rule=SplitRule("topk", fraction_start=0.9), inmodal_epochs=1, crossmodal_epochs=0,
+                                epochs=3, num_samples=1000, steps_per_epoch=10, steps_for=lambda n: n // 100,
+                                inmodal_lr=1e-3, cross_lr=1e-3, filter_lr=1e-5, warmup=1)
+    split = schedule.split(1, similarity, flagged)
+    assert split.safe.sum() == 900 and not split.safe[:50].any() and split.safe[50:900].all()
+    assert set(split.log_columns()) == {"clean_prob", "score"}
+    np.testing.assert_allclose(split.score, split.clean_prob - 2.0 * flagged, atol=1e-6)
+    assert set(schedule.split(2, similarity).log_columns()) == {"clean_prob"}
+
+
+def test_second_signal_under_a_two_rank_nccl_group_uses_host_collectives(monkeypatch):
+    """Rank 0 of two (the other holding the same rows, test_nccl's stand-in): every collective of the
+    second signal goes over the gloo host group with CPU tensors."""
+    from test_nccl import FakeNcclDist
+
+    fake = FakeNcclDist()
+    monkeypatch.setattr(collectives, "dist", fake)
+    collectives._HOST_GROUPS.clear()
+    image, text, labels, _ = clustered_world(per_class=10)
+    ids = np.arange(len(labels), dtype=np.int64)
+    result = PassResult(ids=np.concatenate([ids, ids + 1000]), similarity=None, poison=None,
+                        counts=[len(ids), len(ids)], keys=None, seconds=0.0, rank=0,
+                        image=image.half(), text=text.half(),
+                        digests=neighbours.image_digests(image, neighbours.projection(32, "cpu")))
+    args = SimpleNamespace(rank=0, world_size=2, distributed=True, device="cpu", safeclip_neighbour_reference=10**6,
+                           safeclip_score_quantile=0.05)
+    signal = neighbours.second_signal(args, result)
+    collectives._HOST_GROUPS.clear()
+    assert signal["reference"] == 2 * len(ids) and len(signal["flagged"]) == 2 * len(ids)
+    assert signal["columns"]["copy"].all(), "the other rank's rows are copies of this rank's"
+    assert all(call[1] == "gloo" for call in fake.calls if call[0] != "new_group")
+    assert signal["seconds"] >= 0
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["--safeclip-score-quantile", "1"], "--safeclip-score-quantile must be in [0, 1)"),
+    (["--safeclip-neighbour-reference", "1"], "--safeclip-neighbour-reference must be at least 2"),
+    (["--safeclip-score", "knn"], "invalid choice: 'knn'"),
+])
+def test_bad_second_signal_flags(world, capsys, bad, message):
+    from open_clip_safe import params
+
+    with pytest.raises(SystemExit):
+        params.parse_args(["--train-data", world["splits"]["train"]["shards"], "--workers", "1", "--safeclip",
+                           "--epochs", "9", *bad])
+    assert message in capsys.readouterr().err
