@@ -5,13 +5,13 @@ arrays must not move to the GPU in one piece (at LAION-400M they are gigabytes).
 through one gloo group, made once beside the training group; when the training group carries CPU
 tensors already (gloo, or a "cpu:gloo,cuda:nccl" backend) that group is used. A user's own
 --dist-backend keeps carrying DDP and the losses, which hold tensors on the training device.
-Transfers are chunked: beyond its result, a rank holds at most world_size x CHUNK elements in flight.
+Transfers are chunked: beyond its result, a rank holds at most world_size x CHUNK bytes in flight.
 """
 import numpy as np
 import torch
 import torch.distributed as dist
 
-CHUNK = 1 << 22  # elements per rank and transfer
+CHUNK = 1 << 24  # bytes per rank and transfer
 _HOST_GROUPS = {}
 
 
@@ -45,18 +45,21 @@ def all_gather_counts(args, count):
 
 
 def gather_rows(args, local, counts, dst=None):
-    """Every rank's 1-D `local` array concatenated in rank order, CHUNK rows at a time: on every rank
-    (dst None) or on rank `dst` only (None elsewhere). `counts` is all_gather_counts' result."""
+    """Every rank's 1-D `local` array concatenated in rank order, CHUNK bytes at a time: on every rank
+    (dst None) or on rank `dst` only (None elsewhere). `counts` is all_gather_counts' result. Rows travel
+    as bytes, since gloo carries no uint16/int16/uint64 tensors; every rank must pass the same dtype."""
     local = np.ascontiguousarray(local)
     if not args.distributed:
         return local
+    size = local.dtype.itemsize
+    raw, counts = local.reshape(-1).view(np.uint8), [count * size for count in counts]
     group = host_group(args)
-    out = np.empty(sum(counts), dtype=local.dtype) if dst is None or args.rank == dst else None
+    out = np.empty(sum(counts), dtype=np.uint8) if dst is None or args.rank == dst else None
     starts = np.concatenate([[0], np.cumsum(counts)])
     for begin in range(0, max(counts), CHUNK):
         width = min(CHUNK, max(counts) - begin)
-        mine = local[begin:begin + width]
-        piece = torch.zeros(width, dtype=torch.from_numpy(mine).dtype)
+        mine = raw[begin:begin + width]
+        piece = torch.zeros(width, dtype=torch.uint8)
         piece[:len(mine)] = torch.from_numpy(mine)
         parts = [torch.empty_like(piece) for _ in range(args.world_size)] if out is not None else None
         if dst is None:
@@ -66,17 +69,18 @@ def gather_rows(args, local, counts, dst=None):
         for rank, part in enumerate(parts or ()):
             rows = max(0, min(width, counts[rank] - begin))
             out[starts[rank] + begin:starts[rank] + begin + rows] = part[:rows].numpy()
-    return out
+    return None if out is None else out.view(local.dtype)
 
 
 def broadcast_rows(args, array, length, dtype, src=0):
-    """Rank `src`'s 1-D array of `length` rows to every rank (others pass None), CHUNK rows at a time."""
+    """Rank `src`'s 1-D array of `length` rows to every rank (others pass None), CHUNK bytes at a time."""
     if not args.distributed:
         return array
     group = host_group(args)
     out = np.ascontiguousarray(array, dtype=dtype) if args.rank == src else np.empty(length, dtype=dtype)
-    for begin in range(0, length, CHUNK):
-        dist.broadcast(torch.from_numpy(out[begin:begin + CHUNK]), src, group=group)  # received in place
+    raw = out.view(np.uint8)
+    for begin in range(0, len(raw), CHUNK):
+        dist.broadcast(torch.from_numpy(raw[begin:begin + CHUNK]), src, group=group)  # received in place
     return out
 
 

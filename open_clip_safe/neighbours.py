@@ -111,9 +111,9 @@ def gather_reference(args, image, text, ids, members, counts):
     width = image.shape[1]
     rows = {}
     for name, features in (("image", image), ("text", text)):
-        flat = features[torch.from_numpy(members)].to(torch.float16).reshape(-1).numpy().view(np.uint16)
+        flat = features[torch.from_numpy(members)].to(torch.float16).reshape(-1).numpy()
         gathered = collectives.gather_rows(args, flat, [count * width for count in member_counts])
-        rows[name] = torch.from_numpy(gathered.view(np.float16).reshape(-1, width))
+        rows[name] = torch.from_numpy(gathered.reshape(-1, width))
     return rows["image"], rows["text"], collectives.gather_rows(args, ids[members], member_counts)
 
 

@@ -33,7 +33,10 @@ class FakeNcclDist:
     """torch.distributed as rank 0 of a two-rank NCCL job sees it; the other rank holds the same rows.
 
     Collectives on the default group refuse CPU tensors, as NCCL does; new_group(backend="gloo")
-    gives a group that takes them."""
+    gives a group that takes them, in the dtypes gloo carries (no uint16, int16 or uint64)."""
+
+    GLOO_DTYPES = {torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int8, torch.uint8,
+                   torch.int32, torch.int64, torch.bool}
 
     def __init__(self):
         self.calls = []
@@ -51,6 +54,8 @@ class FakeNcclDist:
         self.calls.append((op, backend, sorted({t.device.type for t in tensors})))
         if backend == "nccl" and any(t.device.type == "cpu" for t in tensors):
             raise RuntimeError(f"{op}: NCCL does not support CPU tensors")
+        if backend == "gloo" and any(t.dtype not in self.GLOO_DTYPES for t in tensors):
+            raise RuntimeError(f"{op}: Invalid scalar type")
 
     def all_gather(self, parts, tensor, group=None):
         self.check("all_gather", group, [tensor, *parts])
@@ -94,6 +99,10 @@ def test_host_collectives_take_a_gloo_group_under_nccl(nccl):
     np.testing.assert_array_equal(collectives.gather_rows(args, ids, counts), np.concatenate([ids, ids]))
     sims = np.linspace(0, 1, 20, dtype=np.float32)
     np.testing.assert_array_equal(collectives.gather_rows(args, sims, counts, dst=0), np.concatenate([sims, sims]))
+    halves = np.linspace(-1, 1, 20, dtype=np.float16)  # the second signal's reference embeddings
+    np.testing.assert_array_equal(collectives.gather_rows(args, halves, counts), np.concatenate([halves, halves]))
+    words = np.arange(20, dtype=np.uint64) << np.uint64(40)
+    np.testing.assert_array_equal(collectives.gather_rows(args, words, counts), np.concatenate([words, words]))
     safe = np.arange(40) % 3 == 0
     np.testing.assert_array_equal(train.broadcast_split(args, safe, 40), safe)
     assert collectives.gather_bytes_to(args, b"keys") == [b"keys", b"keys"]
