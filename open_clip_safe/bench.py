@@ -215,6 +215,59 @@ def split_memory_table(rows, extrapolate_to=400_000_000):
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------- the second signal at scale
+
+
+def neighbour_scale(num_samples, reference, embed_dim, device, seed=0):
+    """Seconds and peak memory of the second signal (neighbours.second_signal, one rank) over
+    `num_samples` synthetic unit embeddings, `reference` the --safeclip-neighbour-reference cap.
+    The search costs num_samples x min(num_samples, reference) cosines, twice (image and caption)."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    import torch
+
+    from open_clip_safe import neighbours
+
+    generator = torch.Generator().manual_seed(seed)
+
+    def unit_rows(chunk=65536):  # built in float16 chunk by chunk: no float32 copy raises the baseline
+        rows = torch.empty(num_samples, embed_dim, dtype=torch.float16)
+        for begin in range(0, num_samples, chunk):
+            part = torch.randn(min(chunk, num_samples - begin), embed_dim, generator=generator)
+            rows[begin:begin + chunk] = part / part.norm(dim=1, keepdim=True)
+        return rows
+
+    image, text = unit_rows(), unit_rows()
+    ids = np.random.default_rng(seed).integers(0, 2**62, num_samples, dtype=np.int64)
+    digests = neighbours.image_digests(image, neighbours.projection(embed_dim, "cpu"))
+    result = SimpleNamespace(local_ids=ids, num_samples=num_samples, image=image, text=text, digests=digests,
+                             counts=[num_samples])
+    args = SimpleNamespace(rank=0, world_size=1, distributed=False, device=device,
+                           safeclip_neighbour_reference=reference, safeclip_score_quantile=0.05)
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    signal = neighbours.second_signal(args, result)
+    if cuda:
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline
+    return {"samples": num_samples, "reference": signal["reference"], "embed_dim": embed_dim, "device": device,
+            "seconds": signal["seconds"], "peak_bytes": peak, "memory": "device" if cuda else "host, beyond inputs",
+            "flagged": int(signal["flagged"].sum()), "hardware": hardware_name(device)}
+
+
+def neighbour_scale_table(row):
+    pairs = row["samples"] * row["reference"]
+    return "\n".join([
+        "| samples | reference | embedding dim | seconds | cosine pairs/s | peak memory | hardware |",
+        "|---|---|---|---|---|---|---|",
+        f"| {row['samples']:,} | {row['reference']:,} | {row['embed_dim']} | {row['seconds']:.1f} | "
+        f"{2 * pairs / row['seconds']:.3g} | {row['peak_bytes'] / 2**20:,.0f} MiB ({row['memory']}) | {row['hardware']} |"])
+
+
 def parse_args(argv):
     parser = Parser("bench", __doc__.split("\n\n")[0])
     parser.add_argument("--out", default="bench_out", help="Folder for the world, logs and the report.")
@@ -231,7 +284,19 @@ def parse_args(argv):
     parser.add_argument("--split-memory", type=int, metavar="N",
                         help="Instead of timing training: the host memory two gloo ranks need for the similarity "
                              "pass's gather, the split and the lookup of N synthetic samples.")
+    parser.add_argument("--neighbour-scale", type=int, metavar="N",
+                        help="Instead of timing training: the second signal's time and memory on N synthetic "
+                             "embeddings, on --device, one rank.")
+    parser.add_argument("--neighbour-reference", type=int, default=1_000_000,
+                        help="--neighbour-scale: the --safeclip-neighbour-reference cap.")
+    parser.add_argument("--embed-dim", type=int, default=512,
+                        help="--neighbour-scale: embedding width (ViT-B/32 and RN50: 512 and 1024).")
     args = resolve_precision(parser.parse_args(argv))
+    if args.split_memory and args.neighbour_scale:
+        parser.error("--split-memory and --neighbour-scale are separate measurements; give one")
+    for flag in ("split_memory", "neighbour_scale", "neighbour_reference", "embed_dim"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1")
     try:
         args.fractions = [float(f) for f in args.fractions.split(",")]
     except ValueError:
@@ -267,7 +332,7 @@ def run_bench(args):
     safe_flags = ["--safeclip", "--safeclip-inmodal-epochs", 1, "--safeclip-crossmodal-epochs", 1,
                   "--safeclip-split", "topk", "--safeclip-safe-fraction-start", fractions[0],
                   "--safeclip-safe-fraction-step", args.fraction_step, "--safeclip-safe-fraction-max", fractions[-1],
-                  "--safeclip-score", args.score]
+                  "--safeclip-score", args.score] + (["--safeclip-sim-views", "plain"] if args.score == "neighbours" else [])
     print(f"timing {epochs} plain open_clip epochs ({args.model}, batch {args.batch_size}, {args.device})", flush=True)
     plain = run_timed(common + ["--name", f"open_clip-{stamp}"], out / "plain.json", out / "plain.log")
     print(f"timing {epochs} SafeCLIP epochs (safe fractions {fractions})", flush=True)
@@ -293,9 +358,24 @@ def run_split_memory(args):
     return rows
 
 
+def run_neighbour_scale(args):
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"second signal: {args.neighbour_scale:,} synthetic embeddings, reference up to "
+          f"{args.neighbour_reference:,}, on {args.device}", flush=True)
+    row = neighbour_scale(args.neighbour_scale, args.neighbour_reference, args.embed_dim, args.device)
+    table = neighbour_scale_table(row)
+    (out / "neighbour_scale.md").write_text(table + "\n")
+    (out / "neighbour_scale.json").write_text(json.dumps(row, indent=2))
+    print(table)
+    return row
+
+
 def main(argv=None):
     def run(args):
-        return run_split_memory(args) if args.split_memory else run_bench(args)
+        if args.split_memory:
+            return run_split_memory(args)
+        return run_neighbour_scale(args) if args.neighbour_scale else run_bench(args)
 
     return guarded("bench", lambda: run(parse_args(sys.argv[1:] if argv is None else argv)))
 

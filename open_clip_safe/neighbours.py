@@ -17,6 +17,7 @@ embeddings reach every rank over the host group; the search runs on the training
 Rank 0 then flags copies and the --safeclip-score-quantile least consistent samples; the split ranks
 flagged samples last (schedule.SafeclipSchedule.split).
 """
+import logging
 import time
 
 import numpy as np
@@ -61,16 +62,14 @@ def reference_members(ids, total, size):
 
 def top_candidates(queries, keys, count):
     """The `count` largest cosines of each query among all keys, chunk by chunk: (values, indices)."""
-    best_values = best_indices = None
+    best_values = queries.new_zeros(len(queries), 0)
+    best_indices = torch.zeros(len(queries), 0, dtype=torch.long, device=queries.device)
     for begin in range(0, len(keys), REFERENCE_CHUNK):
         block = queries @ keys[begin:begin + REFERENCE_CHUNK].T
         values, indices = block.topk(min(count, block.shape[1]), dim=1)
-        indices = indices + begin
-        if best_values is not None:
-            values, order = torch.cat([best_values, values], dim=1).topk(min(count, values.shape[1] + best_values.shape[1]),
-                                                                         dim=1)
-            indices = torch.cat([best_indices, indices], dim=1).gather(1, order)
-        best_values, best_indices = values, indices
+        values, indices = torch.cat([best_values, values], dim=1), torch.cat([best_indices, indices + begin], dim=1)
+        best_values, order = values.topk(min(count, values.shape[1]), dim=1)
+        best_indices = indices.gather(1, order)
     return best_values, best_indices
 
 
@@ -82,27 +81,31 @@ def agreement(own, others_of_candidate, valid, k):
     return (cosines * chosen).sum(dim=1) / chosen.sum(dim=1).clamp(min=1)
 
 
-def local_scores(image, text, ids, reference_image, reference_text, reference_ids, device):
-    """caption_agreement and image_agreement of this rank's samples against the reference set."""
-    keys_image, keys_text = reference_image.to(device), reference_text.to(device)
+def local_scores(image, text, ids, reference_image, reference_text, reference_ids, device, dtype):
+    """caption_agreement, image_agreement and copy_seen (a reference sample other than itself has a
+    copy of its image) of this rank's samples against the reference set."""
+    keys_image, keys_text = reference_image.to(device, dtype), reference_text.to(device, dtype)
     reference_ids = torch.as_tensor(reference_ids, device=device)
-    captions, images = [], []
+    captions, images, copies = [], [], []
     for begin in range(0, len(image), QUERY_CHUNK):
-        query_image = image[begin:begin + QUERY_CHUNK].to(device)
-        query_text = text[begin:begin + QUERY_CHUNK].to(device)
+        query_image = image[begin:begin + QUERY_CHUNK].to(device, dtype)
+        query_text = text[begin:begin + QUERY_CHUNK].to(device, dtype)
         query_ids = torch.as_tensor(ids[begin:begin + QUERY_CHUNK], device=device)
         results = []
         for queries, keys, others, k in ((query_image, keys_image, keys_text, IMAGE_NEIGHBOURS),
                                          (query_text, keys_text, keys_image, CAPTION_NEIGHBOURS)):
             _, candidates = top_candidates(queries, keys, k + EXTRA_CANDIDATES)
             copy = (keys_image[candidates] * query_image[:, None, :]).sum(dim=-1) > COPY_COSINE
-            valid = ~copy & (reference_ids[candidates] != query_ids[:, None])
+            other = reference_ids[candidates] != query_ids[:, None]
+            if keys is keys_image:  # its image's nearest neighbours: any copy is among them
+                copies.append((copy & other).any(dim=1).cpu())
             own = query_text if others is keys_text else query_image
-            results.append(agreement(own, others[candidates], valid, k))
+            results.append(agreement(own, others[candidates], ~copy & other, k))
         captions.append(results[0].float().cpu())
         images.append(results[1].float().cpu())
     empty = torch.zeros(0)
-    return (torch.cat(captions) if captions else empty).numpy(), (torch.cat(images) if images else empty).numpy()
+    return ((torch.cat(captions) if captions else empty).numpy(), (torch.cat(images) if images else empty).numpy(),
+            (torch.cat(copies) if copies else empty.bool()).numpy().astype(np.uint8))
 
 
 def gather_reference(args, image, text, ids, members, counts):
@@ -126,13 +129,15 @@ def second_signal(args, result):
     members = reference_members(ids, result.num_samples, args.safeclip_neighbour_reference)
     reference_image, reference_text, reference_ids = gather_reference(args, result.image, result.text, ids, members,
                                                                       result.counts)
+    if not len(reference_ids):
+        logging.warning("SafeCLIP second signal: the neighbour reference set is empty "
+                        "(--safeclip-neighbour-reference too small?); only copies by digest are flagged")
     device = torch.device(args.device)
-    dtype = torch.float32 if device.type == "cpu" else torch.float16
-    caption_agreement, image_agreement = local_scores(
-        result.image.to(dtype), result.text.to(dtype), ids, reference_image.to(dtype), reference_text.to(dtype),
-        reference_ids, device)
+    dtype = torch.float32 if device.type == "cpu" else torch.float16  # CPU matmuls in half are slow
+    caption_agreement, image_agreement, copy_seen = local_scores(
+        result.image, result.text, ids, reference_image, reference_text, reference_ids, device, dtype)
     gathered = [collectives.gather_rows(args, values, result.counts, dst=0)
-                for values in (result.digests, caption_agreement, image_agreement)]
+                for values in (result.digests, caption_agreement, image_agreement, copy_seen)]
     if args.rank != 0:
         return None
     flagged, copies, consistency = flag(*gathered, args.safeclip_score_quantile)
@@ -146,14 +151,16 @@ def percentile_rank(values):
     return np.searchsorted(order, values, side="right") / max(1, len(values))
 
 
-def flag(digests, caption_agreement, image_agreement, quantile):
+def flag(digests, caption_agreement, image_agreement, copy_seen, quantile):
     """Rank 0: which samples the second signal flags, and the consistency each got.
 
-    Flagged: every sample whose image digest another sample shares (copies), and the `quantile` of
+    Flagged: every sample whose image digest another sample shares or that saw a copy of its image
+    among its reference neighbours (copies: the digest finds them all, the cosine those whose
+    embeddings differ by rounding, as fp16 batches of other sizes may), and the `quantile` of
     samples whose consistency, percentile_rank(caption agreement) + percentile_rank(image agreement),
     ranks lowest."""
     _, inverse, count = np.unique(digests, return_inverse=True, return_counts=True)
-    copies = count[inverse.reshape(-1)] > 1
+    copies = (count[inverse.reshape(-1)] > 1) | np.asarray(copy_seen, dtype=bool)
     consistency = (percentile_rank(caption_agreement) + percentile_rank(image_agreement)).astype(np.float32)
     inconsistent = percentile_rank(consistency) <= quantile
     return copies | inconsistent, copies, consistency

@@ -252,6 +252,9 @@ def check_safeclip_args(args, defaults):
     check_fraction(args.safeclip_safe_fraction_auto_share, "--safeclip-safe-fraction-auto-share")
     if not 0 <= args.safeclip_score_quantile < 1:
         raise UsageError(f"--safeclip-score-quantile must be in [0, 1), got {args.safeclip_score_quantile}")
+    if args.safeclip_score == "neighbours" and args.safeclip_sim_views != "plain":
+        raise UsageError("--safeclip-score neighbours needs --safeclip-sim-views plain: under augmented views the "
+                         "copies of one image embed apart, and the second signal cannot find them")
     if args.safeclip_neighbour_reference < 2:
         raise UsageError("--safeclip-neighbour-reference must be at least 2")
     for flag, value in (("--safeclip-filter-lr", args.safeclip_filter_lr),

@@ -103,7 +103,8 @@ class SplitRule:
             return self.fraction_step
         if mixed_epochs is None:
             raise ValueError("an auto step needs the number of mixed epochs")
-        updates = max(1, round(self.auto_share * mixed_epochs) // self.update_freq)
+        # the last mixed epoch is mixed_epochs - 1: a share of 1 reaches the cap there
+        updates = max(1, min(round(self.auto_share * mixed_epochs), mixed_epochs - 1) // self.update_freq)
         return max(0.0, (self.fraction_max - first_fraction) / updates)
 
     def fraction_at(self, mixed_epoch, first_fraction, mixed_epochs=None):
@@ -314,6 +315,8 @@ class SafeclipSchedule:
         fallback = None
         if mixed_epoch == 0 and self.rule.method == "gmm":
             safe, fallback = self.rule.first_split(score, similarity, separation)
+            if fallback and flagged is not None and not (score >= self.rule.first_threshold).any():
+                fallback += " that the second signal did not flag"
         else:
             if self.first_fraction is None:
                 raise RuntimeError("no first split recorded: resume from a state saved after the first mixed epoch")

@@ -85,7 +85,21 @@ def test_split_memory_is_measured_per_rank(tmp_path):
     assert "at 400,000,000 samples" in (tmp_path / "split_memory.md").read_text()
 
 
+def test_neighbour_scale_times_the_second_signal_against_a_capped_reference(tmp_path):
+    from open_clip_safe import bench
+
+    assert bench.main(["--neighbour-scale", "3000", "--neighbour-reference", "1000", "--embed-dim", "64",
+                       "--out", str(tmp_path)]) == 0
+    row = json.loads((tmp_path / "neighbour_scale.json").read_text())
+    assert row["samples"] == 3000 and 850 < row["reference"] < 1150, "a fixed random subset of about the cap"
+    assert row["flagged"] == pytest.approx(0.05 * 3000, abs=2), "random embeddings: no copies, the 5% quantile"
+    assert row["seconds"] > 0 and row["peak_bytes"] >= 0
+    assert "| 3,000 |" in (tmp_path / "neighbour_scale.md").read_text()
+
+
 @pytest.mark.parametrize("module, args, message", [
+    ("open_clip_safe.bench", ["--split-memory", "10", "--neighbour-scale", "10"], "separate measurements"),
+    ("open_clip_safe.bench", ["--neighbour-scale", "0"], "--neighbour-scale must be at least 1"),
     ("open_clip_safe.demo", ["--epochs", "1", "--quick"], "--epochs must leave"),
     ("open_clip_safe.bench", ["--fractions", "0.5,0.2"], "--fractions must be increasing"),
     ("open_clip_safe.bench", ["--num-train", "10"], "--num-train must hold"),

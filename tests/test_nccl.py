@@ -187,7 +187,7 @@ def test_two_ranks_under_an_nccl_group_with_node_local_logs_and_wandb(poisoned_w
     pythonpath = os.pathsep.join([os.path.join(REPO, "tests", "fakes"), os.environ.get("PYTHONPATH", "")])
     codes, outputs = launch_two_ranks(
         tmp_path, lambda rank: flags(poisoned_world["shards"], tmp_path / f"node{rank}", "run")
-        + ["--report-to", "wandb", "--safeclip-score", "neighbours"], PYTHONPATH=pythonpath, FAKE_WANDB_DIR=wandb_dir)
+        + ["--report-to", "wandb", "--safeclip-score", "neighbours", "--safeclip-sim-views", "plain"], PYTHONPATH=pythonpath, FAKE_WANDB_DIR=wandb_dir)
     assert codes == [0, 0], "\n".join(output[-3000:] for output in outputs)
 
     # collectives: SafeCLIP's host arrays on a gloo group of their own, CPU tensors only; the training

@@ -51,7 +51,9 @@ def test_a_caption_unlike_its_neighbours_captions_agrees_least():
     text = text.clone()
     text[wrong] = unit(centres[(labels[wrong] + 1) % 8] + 0.3 * np.random.default_rng(1).normal(size=(len(wrong), 32)))
     ids = np.arange(len(labels))
-    captions, images = neighbours.local_scores(image, text, ids, image, text, ids, torch.device("cpu"))
+    captions, images, copy_seen = neighbours.local_scores(image, text, ids, image, text, ids, torch.device("cpu"),
+                                                          torch.float32)
+    assert not copy_seen.any()
     assert set(np.argsort(captions)[:len(wrong)]) == set(wrong)
     assert set(np.argsort(images)[:len(wrong)]) == set(wrong)
 
@@ -64,18 +66,58 @@ def test_copies_do_not_vouch_for_each_other():
     poison_text = unit(centres[[6] * 12] + 0.3 * np.random.default_rng(2).normal(size=(12, 32)))
     image, text = torch.cat([image, poison_image]), torch.cat([text, poison_text])
     ids = np.arange(len(image))
-    captions, _ = neighbours.local_scores(image, text, ids, image, text, ids, torch.device("cpu"))
+    captions, _, copy_seen = neighbours.local_scores(image, text, ids, image, text, ids, torch.device("cpu"),
+                                                     torch.float32)
     assert captions[-12:].max() < np.percentile(captions[:-12], 5)
+    # image 3 and its 12 copies see one another; a copy that rounding moved off the digest is still found
+    assert set(np.flatnonzero(copy_seen)) == {3} | set(range(len(image) - 12, len(image)))
+
+
+def test_copies_whose_digests_differ_are_found_by_cosine():
+    image, text, _, _ = clustered_world()
+    planes = neighbours.projection(32, "cpu")
+    bits = image[5] @ planes
+    nudge = planes[:, bits.abs().argmin()] * (-2.5 * bits[bits.abs().argmin()] / planes[:, bits.abs().argmin()].norm() ** 2)
+    near_copy = unit((image[5] + nudge)[None].numpy())  # the same image, one SimHash bit flipped
+    assert (near_copy[0] @ image[5]).item() > neighbours.COPY_COSINE
+    image, text = torch.cat([image, near_copy]), torch.cat([text, text[5:6]])
+    digests = neighbours.image_digests(image, planes)
+    assert digests[5] != digests[-1], "the digest alone misses this copy"
+    ids = np.arange(len(image))
+    captions, images, copy_seen = neighbours.local_scores(image, text, ids, image, text, ids, torch.device("cpu"),
+                                                          torch.float32)
+    _, copies, _ = neighbours.flag(digests, captions, images, copy_seen, quantile=0.0)
+    assert set(np.flatnonzero(copies)) == {5, len(image) - 1}
+
+
+def test_an_empty_reference_set_flags_only_copies(caplog):
+    image, text, _, _ = clustered_world(per_class=5)
+    ids = np.arange(len(image), dtype=np.int64)
+    result = PassResult(ids=ids, similarity=None, poison=None, counts=[len(ids)], keys=None, seconds=0.0, rank=0,
+                        image=image.half(), text=text.half(),
+                        digests=neighbours.image_digests(image, neighbours.projection(32, "cpu")))
+    args = SimpleNamespace(rank=0, world_size=1, distributed=False, device="cpu", safeclip_neighbour_reference=2,
+                           safeclip_score_quantile=0.0)
+    ids[:] = 2**62  # a hash that puts no sample into a reference of 2 out of 40
+    assert not neighbours.reference_members(ids, len(ids), 2).any()
+    signal = neighbours.second_signal(args, result)
+    assert signal["reference"] == 0 and not signal["flagged"].any()
+    assert "neighbour reference set is empty" in caplog.text
 
 
 def test_flags_are_copies_and_the_least_consistent_quantile():
     digests = np.array([7, 7, 1, 2, 3, 4, 5, 6, 8, 9], dtype=np.int64)
     agreement = np.linspace(0, 1, 10)
-    flagged, copies, consistency = neighbours.flag(digests, agreement, agreement, quantile=0.2)
+    none_seen = np.zeros(10, np.uint8)
+    flagged, copies, consistency = neighbours.flag(digests, agreement, agreement, none_seen, quantile=0.2)
     assert copies.tolist() == [True, True] + [False] * 8
     assert flagged.tolist() == [True, True, False, False, False, False, False, False, False, False]
-    flagged, _, _ = neighbours.flag(digests, agreement[::-1].copy(), agreement[::-1].copy(), quantile=0.2)
+    flagged, _, _ = neighbours.flag(digests, agreement[::-1].copy(), agreement[::-1].copy(), none_seen, quantile=0.2)
     assert flagged.tolist() == [True, True] + [False] * 6 + [True, True]
+    seen = none_seen.copy()
+    seen[5] = 1
+    assert neighbours.flag(digests, agreement, agreement, seen, quantile=0.0)[1].tolist() == [
+        True, True, False, False, False, True, False, False, False, False]
     assert consistency.dtype == np.float32
 
 
@@ -122,6 +164,7 @@ def test_second_signal_under_a_two_rank_nccl_group_uses_host_collectives(monkeyp
     (["--safeclip-score-quantile", "1"], "--safeclip-score-quantile must be in [0, 1)"),
     (["--safeclip-neighbour-reference", "1"], "--safeclip-neighbour-reference must be at least 2"),
     (["--safeclip-score", "knn"], "invalid choice: 'knn'"),
+    (["--safeclip-score", "neighbours", "--safeclip-sim-views", "augmented"], "needs --safeclip-sim-views plain"),
 ])
 def test_bad_second_signal_flags(world, capsys, bad, message):
     from open_clip_safe import params

@@ -245,6 +245,8 @@ def test_auto_step_reaches_the_cap_at_the_set_share_of_the_mixed_epochs():
     assert every_two.step(0.05, 10) == pytest.approx(0.8 / 2)  # 5 epochs, updates at 2 and 4
     with pytest.raises(ValueError, match="needs the number of mixed epochs"):
         every_two.fraction_at(3, 0.05)
+    whole_run = SplitRule("gmm", fraction_step=None, auto_share=1.0)  # the cap at the last mixed epoch, 9
+    assert whole_run.fraction_at(9, 0.05, 10) == pytest.approx(0.85) and whole_run.fraction_at(8, 0.05, 10) < 0.85
 
 
 def test_the_clip_loss_share_of_a_plan():
