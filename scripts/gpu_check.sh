@@ -2,7 +2,9 @@
 # The checks a CPU machine cannot make, on one CUDA GPU in under 10 minutes:
 #   1. SafeCLIP through all phases on a poisoned generated world with --device cuda --precision amp
 #      (in-modal warm-up, cross-modal warm-up, two mixed epochs with the similarity pass and split);
-#   2. the benchmark at a GPU size (RN50 at 224 px, batch 256, amp) with peak GPU memory per phase;
+#   2. the benchmark at a GPU size (RN50 at 224 px, batch 256, amp) with peak GPU memory per phase,
+#      and the second signal (--safeclip-score neighbours) on 1M synthetic embeddings against the
+#      default 1M reference;
 #   3. OUT/gpu_check.md: the GPU's name, the run's phases and split, and the benchmark table that
 #      docs/benchmark.md quotes.
 #
@@ -16,9 +18,11 @@ DEVICE=${GPU_CHECK_DEVICE:-cuda}
 if [ "${GPU_CHECK_SIZE:-gpu}" = toy ]; then
     NUM_TRAIN=128 SHARD=32 BATCH=16 WORKERS=1 PRECISION=fp32 SAFE_MODEL=safeclip-micro
     BENCH=(--model safeclip-micro --num-train 128 --batch-size 32 --workers 1 --fractions 0.25,0.75)
+    NEIGHBOURS=2000
 else
     NUM_TRAIN=12800 SHARD=800 BATCH=256 WORKERS=8 PRECISION=amp SAFE_MODEL=safeclip-tiny
     BENCH=(--model RN50 --num-train 25600 --batch-size 256 --workers 12)
+    NEIGHBOURS=1000000
 fi
 if [ "$DEVICE" = cuda ]; then
     python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA GPU visible to torch')"
@@ -43,6 +47,8 @@ python -m open_clip_safe.evaluate --similarity-logs "$OUT/logs/safeclip" --outpu
 echo "[2/3] benchmark (${BENCH[*]})"
 python -m open_clip_safe.bench --out "$OUT/bench" --device "$DEVICE" --precision "$PRECISION" "${BENCH[@]}" \
     > "$OUT/bench.log" 2>&1 || { tail -n 30 "$OUT/bench.log"; exit 1; }
+python -m open_clip_safe.bench --out "$OUT/neighbours" --device "$DEVICE" --neighbour-scale "$NEIGHBOURS" \
+    > "$OUT/neighbours.log" 2>&1 || { tail -n 30 "$OUT/neighbours.log"; exit 1; }
 echo "[3/3] $OUT/gpu_check.md"
 {
     echo "# GPU check, $(date -u +%Y-%m-%d) ($(git rev-parse --short HEAD 2>/dev/null || echo unknown))"
@@ -61,5 +67,9 @@ echo "[3/3] $OUT/gpu_check.md"
     echo "## Benchmark"
     echo
     cat "$OUT/bench/bench.md"
+    echo
+    echo "## Second signal (\`--neighbour-scale $NEIGHBOURS\`)"
+    echo
+    cat "$OUT/neighbours/neighbour_scale.md"
 } > "$OUT/gpu_check.md"
 cat "$OUT/gpu_check.md"

@@ -57,6 +57,7 @@ def test_gpu_check_script_at_toy_size_on_cpu_times_every_phase(tmp_path, wordnet
     for epoch, phase in ((0, "inmodal"), (1, "crossmodal"), (2, "mixed"), (3, "mixed")):
         assert f"SafeCLIP epoch {epoch}: {phase} phase" in summary
     assert summary.count("similarity pass") >= 2 and "| whole run, 4 epochs |" in summary
+    assert "## Second signal (`--neighbour-scale 2000`)" in summary and "| 2,000 | 2,000 | 512 |" in summary
     split = json.loads((out / "split.json").read_text())["split_diagnostics"]
     assert [row["epoch"] for row in split] == [2, 3] and split[0]["poisoned"] == 6  # 5% of 128
 
