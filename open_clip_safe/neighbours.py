@@ -94,8 +94,10 @@ def local_scores(image, text, ids, reference_image, reference_text, reference_id
         results = []
         for queries, keys, others, k in ((query_image, keys_image, keys_text, IMAGE_NEIGHBOURS),
                                          (query_text, keys_text, keys_image, CAPTION_NEIGHBOURS)):
-            _, candidates = top_candidates(queries, keys, k + EXTRA_CANDIDATES)
-            copy = (keys_image[candidates] * query_image[:, None, :]).sum(dim=-1) > COPY_COSINE
+            cosines, candidates = top_candidates(queries, keys, k + EXTRA_CANDIDATES)
+            if keys is not keys_image:  # the image search's cosines are already image cosines
+                cosines = (keys_image[candidates] * query_image[:, None, :]).sum(dim=-1)
+            copy = cosines > COPY_COSINE
             other = reference_ids[candidates] != query_ids[:, None]
             if keys is keys_image:  # its image's nearest neighbours: any copy is among them
                 copies.append((copy & other).any(dim=1).cpu())
