@@ -18,6 +18,7 @@ from sklearn.metrics import roc_auc_score, roc_curve
 
 from open_clip_safe.cli import percent
 from open_clip_safe.data import POISON_KINDS
+from open_clip_safe.similarity import SOURCE_KEY
 
 EPOCH_FILE = re.compile(r"epoch_(\d+)\.parquet$")
 
@@ -100,7 +101,8 @@ def epoch_row(table):
     """One epoch's counts; poisoned-sample figures are None when the data carried no poison flags."""
     similarity = table["similarity"]
     safe = table["safe"].astype(bool)
-    row = {"epoch": int(table["epoch"][0]), "samples": len(safe), "safe": int(safe.sum()),
+    row = {"epoch": int(table["epoch"][0]), "source": table.get("source", "pass"), "samples": len(safe),
+           "safe": int(safe.sum()),
            "safe_fraction": ratio(safe.sum(), len(safe)), "mean_similarity": float(similarity.mean()),
            "poisoned": None, "poisoned_in_safe": None, "risky_recall": None, "risky_precision": None,
            "mean_similarity_clean": None, "mean_similarity_poisoned": None, "detector": None,
@@ -130,14 +132,16 @@ def clean_moved_to_risky(clean_prob, similarity, safe, poisoned):
 
 def read_epoch(path):
     wanted = ("similarity", "clean_prob", "score", "safe", "epoch", "poisoned", "poison_kind")
-    columns = [c for c in wanted if c in pq.read_schema(path).names]
+    schema = pq.read_schema(path)
+    columns = [c for c in wanted if c in schema.names]
     table = pq.read_table(path, columns=columns)
     if "poison_kind" in table.column_names:  # decoded first: a dictionary's nulls do not survive to_numpy
         kinds = table["poison_kind"].combine_chunks()
         if pa.types.is_dictionary(kinds.type):
             kinds = kinds.dictionary_decode()
         table = table.set_column(table.column_names.index("poison_kind"), "poison_kind", kinds)
-    return {name: table[name].to_numpy(zero_copy_only=False) for name in columns}
+    source = (schema.metadata or {}).get(SOURCE_KEY.encode(), b"pass").decode()  # logs before fast mode: a pass
+    return {"source": source, **{name: table[name].to_numpy(zero_copy_only=False) for name in columns}}
 
 
 def split_diagnostics(run_log_dir):
@@ -234,11 +238,11 @@ def detector_cell(row, name, field="auc"):
 
 def diagnostics_table(rows):
     """A fixed-width text table, one line per epoch."""
-    header = ("epoch", "samples", "safe", "safe %", "poisoned", "in safe", "risky recall", "risky prec.", "AUC",
+    header = ("epoch", "similarity", "samples", "safe", "safe %", "poisoned", "in safe", "risky recall", "risky prec.", "AUC",
               "AUC bd", "AUC tg", "TPR@1%", "TPR@5%", "clean moved")
     lines = [header]
     for row in rows:
-        lines.append((str(row["epoch"]), str(row["samples"]), str(row["safe"]), percent(row["safe_fraction"]),
+        lines.append((str(row["epoch"]), row.get("source", "pass"), str(row["samples"]), str(row["safe"]), percent(row["safe_fraction"]),
                       "-" if row["poisoned"] is None else str(row["poisoned"]),
                       "-" if row["poisoned_in_safe"] is None else str(row["poisoned_in_safe"]),
                       percent(row["risky_recall"]), percent(row["risky_precision"]),

@@ -220,6 +220,9 @@ def safeclip_parser():
     group.add_argument("--safeclip-sim-views", choices=("augmented", "plain"), default="augmented",
                        help="What the similarity pass embeds: view 1, augmented (the authors), or the image as "
                             "open_clip's eval preprocess gives it with the raw caption (a deterministic score).")
+    group.add_argument("--safeclip-fast", action="store_true",
+                       help="Split mixed epochs after the first by the image-caption cosines the training steps "
+                            "compute (mean of the two views) instead of a separate similarity pass.")
     group.add_argument("--safeclip-sim-batch-size", type=int, default=None,
                        help="Batch size of the per-sample similarity pass; default: 2 x --batch-size.")
     return parser
@@ -255,6 +258,9 @@ def check_safeclip_args(args, defaults):
     if args.safeclip_score == "neighbours" and args.safeclip_sim_views != "plain":
         raise UsageError("--safeclip-score neighbours needs --safeclip-sim-views plain: under augmented views the "
                          "copies of one image embed apart, and the second signal cannot find them")
+    if args.safeclip_fast and args.safeclip_score == "neighbours":
+        raise UsageError("--safeclip-fast cannot take --safeclip-score neighbours: the second signal needs the "
+                         "embeddings of a similarity pass, which fast mode skips after the first split")
     if args.safeclip_neighbour_reference < 2:
         raise UsageError("--safeclip-neighbour-reference must be at least 2")
     for flag, value in (("--safeclip-filter-lr", args.safeclip_filter_lr),

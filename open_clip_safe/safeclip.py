@@ -19,6 +19,7 @@ class SafeclipRun:
         self.global_step = 0
         self.fresh_loader = True  # the loader get_data built serves the first epoch
         self.pending_loss_state = None
+        self.training_scores = None  # fast mode: the next split's similarities (a PassResult), from the last epoch
 
     @property
     def plan(self):

@@ -29,6 +29,7 @@ from open_clip_safe.files import as_disk_full
 from open_clip_safe.loss import embed_dim_of
 
 KEY_CHUNK = 1 << 18  # keys a rank sends rank 0 per transfer while the log is written
+SOURCE_KEY = "similarity_source"  # the log's schema metadata: "pass" or "training" (PassResult.source)
 
 
 @dataclass
@@ -38,7 +39,9 @@ class PassResult:
     `ids` is on every rank; `similarity` and `poison` (codes: -1 unknown, else an index into
     data.POISON_KINDS) on rank 0 only; `keys` are this rank's own (None when no log is written), and
     so are `image`, `text` (float16 embeddings, host memory) and `digests`, which are kept only for
-    the second signal (--safeclip-score neighbours).
+    the second signal (--safeclip-score neighbours). `source` says where the similarities come from:
+    "pass" (this module) or "training" (--safeclip-fast: the training steps' cosines, `refreshed` of
+    them this epoch, `unknown` trained ids the pass never saw; open_clip_safe.training_scores).
     """
 
     ids: np.ndarray
@@ -51,6 +54,9 @@ class PassResult:
     image: torch.Tensor = None
     text: torch.Tensor = None
     digests: np.ndarray = None
+    source: str = "pass"
+    refreshed: int = None
+    unknown: int = None
 
     @property
     def num_samples(self):
@@ -149,7 +155,8 @@ def log_columns(result, scores, safe, epoch):
 def write_log(args, result, scores, safe, epoch):
     """One Parquet file per mixed epoch, written by rank 0: key, similarity, the `scores` columns
     (rank 0's: clean_prob, and score where a second signal changed the ranking), safe, epoch, and
-    poisoned / poison_kind where the samples' json says. The other ranks send their keys, KEY_CHUNK
+    poisoned / poison_kind where the samples' json says; the schema's metadata names the similarity's
+    source (SOURCE_KEY). The other ranks send their keys, KEY_CHUNK
     at a time; if rank 0 cannot write, every rank raises its error."""
     target = log_file(args, epoch)
     if target is None:
@@ -162,7 +169,8 @@ def write_log(args, result, scores, safe, epoch):
         try:
             os.makedirs(os.path.dirname(target), exist_ok=True)
             sink = open(temporary, "wb")
-            schema = pa.schema([("key", pa.string())] + [(name, array.type) for name, array in columns.items()])
+            schema = pa.schema([("key", pa.string())] + [(name, array.type) for name, array in columns.items()],
+                               metadata={SOURCE_KEY: result.source})
             writer = pq.ParquetWriter(sink, schema)
         except Exception as failure:  # noqa: BLE001  (reported to every rank below)
             error = failure

@@ -23,6 +23,7 @@ from open_clip_safe.data import SplitLookup
 from open_clip_safe.diagnostics import clean_moved_to_risky, detector_line, detector_metrics
 from open_clip_safe.neighbours import second_signal
 from open_clip_safe.similarity import similarity_pass, write_log
+from open_clip_safe.training_scores import TrainingScores, pair_cosines
 
 try:
     import wandb
@@ -65,8 +66,9 @@ def report(args, tb_writer, values, step):
         wandb.log({**values, "step": step}, step=step)
 
 
-def run_steps(model, loader, loss_fn, optimizer, scaler, lr_at, args, epoch, tag, run, tb_writer):
-    """Train on every batch of `loader` with `loss_fn`; `lr_at(i)` gives the i-th step's learning rate."""
+def run_steps(model, loader, loss_fn, optimizer, scaler, lr_at, args, epoch, tag, run, tb_writer, scores=None):
+    """Train on every batch of `loader` with `loss_fn`; `lr_at(i)` gives the i-th step's learning rate.
+    `scores` (fast mode's TrainingScores) records every sample's image-caption cosine."""
     device = torch.device(args.device)
     autocast = get_autocast(args.precision, device_type=device.type)
     input_dtype = get_input_dtype(args.precision)
@@ -76,7 +78,7 @@ def run_steps(model, loader, loss_fn, optimizer, scaler, lr_at, args, epoch, tag
     batch_time, data_time = AverageMeter(), AverageMeter()
     num_batches = loader.num_batches
     end = time.time()
-    for i, (_, image_v1, image_v2, text_v1, text_v2) in enumerate(loader):
+    for i, (ids, image_v1, image_v2, text_v1, text_v2) in enumerate(loader):
         lr = lr_at(i)
         assign_learning_rate(optimizer, lr)
         images = torch.cat([image_v1, image_v2]) if both_views else image_v1
@@ -94,6 +96,8 @@ def run_steps(model, loader, loss_fn, optimizer, scaler, lr_at, args, epoch, tag
                 image_v1 = image_v2 = out["image_features"]
                 text_v1 = text_v2 = out["text_features"]
             losses = loss_fn(image_v1, image_v2, text_v1, text_v2, out["logit_scale"])
+            if scores is not None:
+                scores.record(ids, pair_cosines(image_v1, image_v2, text_v1, text_v2))
             total = sum(losses.values())
             losses["loss"] = total
         backward(total, scaler)
@@ -162,7 +166,11 @@ def train_one_epoch(model, data, loss, epoch, optimizer, scaler, scheduler, dist
 
 
 def mixed_epoch(model, train, loss, epoch, optimizer, scaler, args, run, tb_writer):
-    result = similarity_pass(model, train, args, epoch)
+    """The split (from a similarity pass, or in fast mode from the last mixed epoch's training steps),
+    its log and report, then the risky and the safe sub-epoch."""
+    result, run.training_scores = run.training_scores, None
+    if result is None:  # the first mixed epoch, faithful mode, or the first after a resume
+        result = similarity_pass(model, train, args, epoch)
     first_pass = run.schedule.samples_seen is None
     signal = second_signal(args, result) if args.safeclip_score == "neighbours" else None
     split = None
@@ -184,11 +192,11 @@ def mixed_epoch(model, train, loss, epoch, optimizer, scaler, args, run, tb_writ
         poisoned = result.poisoned
         poison_note = ("" if poisoned is None else
                        f", poisoned in safe set {int((safe & poisoned).sum())} of {int(poisoned.sum())}")
-        logging.info(f"SafeCLIP epoch {epoch}: similarity pass {result.seconds:.1f}s over {len(safe)} samples; "
+        logging.info(f"SafeCLIP epoch {epoch}: {similarity_note(result)}; "
                      f"safe fraction {num_safe / max(1, len(safe)):.4f} (target {run.schedule.fraction:.4f}), "
                      f"safe {num_safe}, risky {num_risky}{poison_note}; log {log_file}")
         scalars = {"safe_fraction": num_safe / max(1, len(safe)), "safe_samples": num_safe,
-                   "risky_samples": num_risky, "similarity_pass_seconds": result.seconds}
+                   "risky_samples": num_risky, f"similarity_{result.source}_seconds": result.seconds}
         detector = None if poisoned is None else detector_metrics(split.score, result.similarity, result.poison)
         if signal:
             logging.info(f"SafeCLIP epoch {epoch}: second signal {signal['seconds']:.1f}s against "
@@ -201,7 +209,9 @@ def mixed_epoch(model, train, loss, epoch, optimizer, scaler, args, run, tb_writ
             scalars.update({f"split_{name}_{field}": value for name, figures in detector.items() if figures
                             for field, value in figures.items() if field != "samples"})
         report(args, tb_writer, scalars, run.global_step)
-    lookup = SplitLookup(result.ids, safe)  # takes over result.ids
+    keep_scores = args.safeclip_fast and epoch + 1 < args.epochs
+    scores = TrainingScores(result, args.rank) if keep_scores else None
+    lookup = SplitLookup(result.ids.copy() if keep_scores else result.ids, safe)  # takes over the array
     del result, safe, split
     for want_safe, tag, loss_fn in ((False, "risky", loss.inmodal), (True, "safe", loss.clip)):
         count = lookup.count(want_safe)
@@ -214,7 +224,16 @@ def mixed_epoch(model, train, loss, epoch, optimizer, scaler, args, run, tb_writ
         steps_before = run.plan.sub_epoch_steps_before(epoch, tag)
         run_steps(model, loader, loss_fn, optimizer, scaler,
                   lambda i, tag=tag, before=steps_before: run.plan.sub_epoch_lr(tag, before + i),
-                  args, epoch, tag, run, tb_writer)
+                  args, epoch, tag, run, tb_writer, scores)
+    if scores is not None:
+        run.training_scores = scores.collect(args)
+
+
+def similarity_note(result):
+    if result.source == "pass":
+        return f"similarity pass {result.seconds:.1f}s over {result.num_samples} samples"
+    return (f"similarities from the last epoch's training steps (--safeclip-fast; {result.refreshed} of "
+            f"{result.num_samples} refreshed, the rest kept; gathered in {result.seconds:.1f}s)")
 
 
 def moved_note(split, similarity, poisoned):
