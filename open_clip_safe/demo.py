@@ -49,6 +49,7 @@ class DemoConfig:
     safe_fraction_step: float = 0.25  # cap 85% at the 5th mixed epoch; slower growth costs accuracy (docs/demo.md)
     score: str = "mixture"  # --safeclip-score
     adaptive: bool = False  # both attacks with --adaptive-captions
+    fast: bool = False  # --safeclip-fast
 
 
 # The second world, to check that settings tuned on the first transfer: other classes, shapes and
@@ -119,6 +120,8 @@ def training_command(config, train_data, logs, name, seed, safeclip, device="cpu
                     "--safeclip-safe-fraction-step", config.safe_fraction_step, "--safeclip-score", config.score]
         if not config.cross_aug:
             command.append("--safeclip-no-cross-aug")
+        if config.fast:
+            command.append("--safeclip-fast")
     return [str(part) for part in command]
 
 
@@ -259,6 +262,8 @@ def parse_args(argv):
                              "target (the attack tool's --adaptive-captions).")
     parser.add_argument("--score", choices=("mixture", "neighbours"),
                         help=f"SafeCLIP's --safeclip-score (default: {DemoConfig.score}).")
+    parser.add_argument("--fast", action="store_true",
+                        help="SafeCLIP's --safeclip-fast: splits after the first from the training steps' cosines.")
     add_device_flags(parser)
     args = resolve_precision(parser.parse_args(argv))
     world = WORLDS[args.world]
@@ -266,7 +271,9 @@ def parse_args(argv):
     if args.quick:
         config = replace(QUICK, world_style=world.world_style, target=world.target, patch_kind=world.patch_kind,
                          patch_location=world.patch_location)
-    config = replace(config, adaptive=args.adaptive, score=args.score or config.score)
+    config = replace(config, adaptive=args.adaptive, score=args.score or config.score, fast=args.fast)
+    if config.fast and config.score == "neighbours":
+        parser.error("--fast cannot take --score neighbours (the second signal needs a similarity pass)")
     if args.epochs is not None:
         if args.epochs < config.inmodal_epochs + config.crossmodal_epochs + 1:
             parser.error(f"--epochs must leave at least one mixed SafeCLIP epoch after "
