@@ -92,7 +92,30 @@ def run_timed(argv, report_path, log_path):
     return json.loads(Path(report_path).read_text())
 
 
-def summarize(plain, safe, fractions):
+def rate(records, phase):
+    """Seconds a sample of every `phase` record together, or None if none ran."""
+    found = [r for r in records if r["phase"] == phase]
+    return sum(r["seconds"] for r in found) / sum(r["samples"] for r in found) if found else None
+
+
+def mixed_overheads(records):
+    """Per mixed epoch: seconds a sample beyond its pass and sub-epochs (the split, its log, fast mode's
+    gather), and whether a pass ran. The timers record in return order, so a mixed epoch's own
+    records come just before it."""
+    epochs, inner, had_pass = [], 0.0, False
+    for record in records:
+        if record["phase"] == "mixed epoch":
+            epochs.append(((record["seconds"] - inner) / record["samples"], had_pass))
+            inner, had_pass = 0.0, False
+        elif record["phase"] in ("similarity pass", "second signal", "risky", "safe"):
+            inner += record["seconds"]
+            had_pass = had_pass or record["phase"] == "similarity pass"
+        else:
+            inner, had_pass = 0.0, False
+    return epochs
+
+
+def summarize(plain, safe, fractions, mode="faithful"):
     """Per-phase rows (samples/s, ratio to open_clip) and the whole-run ratio."""
     plain_epochs = [r for r in plain if r["phase"] == "open_clip epoch"]
     plain_rate = sum(r["samples"] for r in plain_epochs) / sum(r["seconds"] for r in plain_epochs)
@@ -112,14 +135,66 @@ def summarize(plain, safe, fractions):
         if runs:
             add(name, {**runs[0], "seconds": sum(r["seconds"] for r in runs) / len(runs),
                        "peak_memory_mib": max(r["peak_memory_mib"] for r in runs)})
-    for fraction, record in zip(fractions, [r for r in safe if r["phase"] == "mixed epoch"]):
-        add(f"SafeCLIP mixed epoch, safe {fraction:.0%} (pass included)", record)
+    passes = [had_pass for _, had_pass in mixed_overheads(safe)]
+    for fraction, record, had_pass in zip(fractions, [r for r in safe if r["phase"] == "mixed epoch"], passes):
+        add(f"SafeCLIP{' fast' if mode == 'fast' else ''} mixed epoch, safe {fraction:.0%} "
+            f"({'pass included' if had_pass else 'no pass'})", record)
     plain_total = sum(r["seconds"] for r in plain_epochs)
     safe_total = sum(r["seconds"] for r in safe if r["phase"] in ("inmodal", "crossmodal", "mixed epoch"))
     return rows, {"open_clip_seconds": plain_total, "safeclip_seconds": safe_total, "ratio": safe_total / plain_total}
 
 
-def markdown(rows, whole, epochs, hardware):
+FORWARD_SHARE = 1 / 3  # a forward without backward, as a share of a training step (backward ~ two forwards)
+AUTHORS = dict(inmodal=5, crossmodal=1, epochs=32, start=0.15, step=0.01, cap=0.85)  # docs/design.md
+
+
+def authors_fractions():
+    mixed = AUTHORS["epochs"] - AUTHORS["inmodal"] - AUTHORS["crossmodal"]
+    return [min(AUTHORS["cap"], AUTHORS["start"] + AUTHORS["step"] * m) for m in range(mixed)]
+
+
+def arithmetic_ratio(inmodal, crossmodal, fractions, clip_views, fast):
+    """A schedule's cost in open_clip epochs, counted in views of both towers: an in-modal step sees two,
+    a CLIP step `clip_views`, the pass is a forward (FORWARD_SHARE) over all samples, in fast mode only
+    before the first mixed epoch. Data loading and the split count nothing here."""
+    cost = 2 * inmodal + clip_views * crossmodal
+    for mixed_epoch, fraction in enumerate(fractions):
+        cost += 2 * (1 - fraction) + clip_views * fraction + (FORWARD_SHARE if mixed_epoch == 0 or not fast else 0)
+    return cost / (inmodal + crossmodal + len(fractions))
+
+
+def projected_ratio(plain, safe, inmodal, crossmodal, fractions):
+    """A schedule's time over open_clip's for as many epochs, from a run's measured seconds a sample per
+    phase: warm-up epochs, risky and safe sub-epochs, the pass, and each mixed epoch's other work (the
+    first mixed epoch's as measured, later ones' as the mean of the later ones measured)."""
+    overheads = mixed_overheads(safe)
+    later = [overhead for overhead, _ in overheads[1:]] or [overheads[0][0]]
+    cost = inmodal * rate(safe, "inmodal") + crossmodal * rate(safe, "crossmodal")
+    for mixed_epoch, fraction in enumerate(fractions):
+        had_pass = overheads[min(mixed_epoch, len(overheads) - 1)][1]
+        cost += (1 - fraction) * rate(safe, "risky") + fraction * rate(safe, "safe")
+        cost += overheads[0][0] if mixed_epoch == 0 else sum(later) / len(later)
+        cost += rate(safe, "similarity pass") if had_pass else 0.0
+    return cost / ((inmodal + crossmodal + len(fractions)) * rate(plain, "open_clip epoch"))
+
+
+def whole_run_rows(plain, runs, fractions, clip_views):
+    """Per SafeCLIP mode (name -> (records, whole-run summary)): the measured whole-run ratio, the
+    schedule's arithmetic, and both for the authors' 32-epoch schedule."""
+    rows = []
+    for mode, (safe, whole) in runs.items():
+        fast = mode == "fast"
+        arithmetic = arithmetic_ratio(1, 1, fractions, clip_views, fast)
+        rows.append({"mode": mode, "ratio": whole["ratio"], "arithmetic": arithmetic,
+                     "over_arithmetic": whole["ratio"] / arithmetic,
+                     "authors_projected": projected_ratio(plain, safe, AUTHORS["inmodal"], AUTHORS["crossmodal"],
+                                                          authors_fractions()),
+                     "authors_arithmetic": arithmetic_ratio(AUTHORS["inmodal"], AUTHORS["crossmodal"],
+                                                            authors_fractions(), clip_views, fast)})
+    return rows
+
+
+def markdown(rows, whole, epochs, hardware, whole_rows=(), data_rows=()):
     lines = [f"Hardware: {hardware}", "",
              "| phase | samples | seconds | samples/s | time vs open_clip | peak memory (MiB) |",
              "|---|---|---|---|---|---|"]
@@ -128,7 +203,43 @@ def markdown(rows, whole, epochs, hardware):
                      f"{row['ratio']:.2f}x | {row['peak_memory_mib']:.0f} |")
     lines.append(f"| whole run, {epochs} epochs | | {whole['safeclip_seconds']:.1f} vs {whole['open_clip_seconds']:.1f}"
                  f" | | {whole['ratio']:.2f}x | |")
+    if whole_rows:
+        lines += ["", f"| SafeCLIP mode | whole run, {epochs} epochs | its arithmetic | measured / arithmetic | "
+                      f"authors' 32 epochs, from measured rates | authors' 32 epochs, arithmetic |",
+                  "|---|---|---|---|---|---|"]
+        for row in whole_rows:
+            lines.append(f"| {row['mode']} | {row['ratio']:.2f}x | {row['arithmetic']:.2f}x | "
+                         f"{row['over_arithmetic']:.2f} | {row['authors_projected']:.2f}x | "
+                         f"{row['authors_arithmetic']:.2f}x |")
+    if data_rows:
+        lines += ["", "| data only (no model), every sample once | seconds | vs an open_clip epoch |", "|---|---|---|"]
+        for row in data_rows:
+            lines.append(f"| {row['what']} | {row['seconds']:.1f} | {row['ratio']:.2f}x |")
     return "\n".join(lines)
+
+
+def data_only(train_data, model, batch_size, workers):
+    """Seconds to read every shard raw (tar records, no decode: what a subset stream spends on each
+    sample it skips) and to run the pass's data pipeline (decode, transform, tokenize) without a model."""
+    from types import SimpleNamespace
+
+    import open_clip
+    import webdataset as wds
+    from open_clip_train.data import tarfile_to_samples_nothrow
+
+    from open_clip_safe.data import TwoViews, wds_pass_loader
+
+    start = time.perf_counter()
+    for _ in wds.DataPipeline(wds.SimpleShardList(train_data), tarfile_to_samples_nothrow):
+        pass
+    raw = time.perf_counter() - start
+    _, _, preprocess = open_clip.create_model_and_transforms(model)
+    views = TwoViews(preprocess, None, open_clip.get_tokenizer(model), 0, preprocess)
+    args = SimpleNamespace(train_data=train_data, workers=workers, world_size=1)
+    start = time.perf_counter()
+    for _ in wds_pass_loader(args, views, 2 * batch_size):
+        pass
+    return [("raw read of every shard", raw), ("the pass's data pipeline", time.perf_counter() - start)]
 
 
 def hardware_name(device):
@@ -281,6 +392,11 @@ def parse_args(argv):
                         help="Safe fractions of the timed mixed epochs (comma-separated, increasing).")
     parser.add_argument("--score", choices=("mixture", "neighbours"), default="mixture",
                         help="SafeCLIP's --safeclip-score; neighbours adds a row for the second signal.")
+    parser.add_argument("--fast", action="store_true",
+                        help="Also time SafeCLIP with --safeclip-fast, and time the data pipeline alone.")
+    parser.add_argument("--clip-views", choices=("two", "one"), default="two",
+                        help="SafeCLIP's CLIP loss on crosswise views (two, the authors) or on view 1 "
+                             "(one: --safeclip-no-cross-aug, as the demo trains).")
     parser.add_argument("--split-memory", type=int, metavar="N",
                         help="Instead of timing training: the host memory two gloo ranks need for the similarity "
                              "pass's gather, the split and the lookup of N synthetic samples.")
@@ -333,15 +449,33 @@ def run_bench(args):
                   "--safeclip-split", "topk", "--safeclip-safe-fraction-start", fractions[0],
                   "--safeclip-safe-fraction-step", args.fraction_step, "--safeclip-safe-fraction-max", fractions[-1],
                   "--safeclip-score", args.score] + (["--safeclip-sim-views", "plain"] if args.score == "neighbours" else [])
+    if args.clip_views == "one":
+        safe_flags.append("--safeclip-no-cross-aug")
     print(f"timing {epochs} plain open_clip epochs ({args.model}, batch {args.batch_size}, {args.device})", flush=True)
     plain = run_timed(common + ["--name", f"open_clip-{stamp}"], out / "plain.json", out / "plain.log")
-    print(f"timing {epochs} SafeCLIP epochs (safe fractions {fractions})", flush=True)
-    safe = run_timed(common + ["--name", f"safeclip-{stamp}"] + safe_flags, out / "safeclip.json", out / "safeclip.log")
-    rows, whole = summarize(plain, safe, fractions)
-    table = markdown(rows, whole, epochs, hardware_name(args.device))
+    runs = {}
+    for mode in ("faithful", "fast") if args.fast else ("faithful",):
+        print(f"timing {epochs} SafeCLIP epochs ({mode}; safe fractions {fractions})", flush=True)
+        flags = safe_flags + (["--safeclip-fast"] if mode == "fast" else [])
+        name = "safeclip" if mode == "faithful" else "safeclip-fast"
+        safe = run_timed(common + ["--name", f"{name}-{stamp}"] + flags, out / f"{name}.json", out / f"{name}.log")
+        runs[mode] = (safe, summarize(plain, safe, fractions, mode))
+    rows, whole = runs["faithful"][1]
+    if args.fast:
+        rows = rows + [row for row in runs["fast"][1][0] if "fast" in row["phase"]]
+    views = 2 if args.clip_views == "two" else 1
+    whole_rows = whole_run_rows(plain, {mode: (safe, summary[1]) for mode, (safe, summary) in runs.items()},
+                                fractions, views)
+    data_rows = []
+    if args.fast:
+        print("timing the data pipeline alone", flush=True)
+        plain_epoch = rows[0]["seconds"]
+        data_rows = [{"what": what, "seconds": seconds, "ratio": seconds / plain_epoch}
+                     for what, seconds in data_only(train_data, args.model, args.batch_size, args.workers)]
+    table = markdown(rows, whole, epochs, hardware_name(args.device), whole_rows, data_rows)
     (out / "bench.md").write_text(table + "\n")
-    (out / "bench.json").write_text(json.dumps({"args": vars(args), "rows": rows,
-                                                 "whole_run": whole}, indent=2))
+    (out / "bench.json").write_text(json.dumps({"args": vars(args), "rows": rows, "whole_run": whole,
+                                                 "modes": whole_rows, "data_only": data_rows}, indent=2))
     print(table)
     return rows, whole
 

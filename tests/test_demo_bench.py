@@ -73,6 +73,49 @@ def test_gpu_check_script_at_toy_size_on_cpu_times_every_phase(tmp_path, wordnet
     assert report["whole_run"]["ratio"] == pytest.approx(
         report["whole_run"]["safeclip_seconds"] / report["whole_run"]["open_clip_seconds"])
     assert "| whole run, 4 epochs |" in (out / "bench" / "bench.md").read_text()
+    # --fast: a third run whose later mixed epochs skip the pass, next to the faithful one and the arithmetic
+    assert [p for p in phases if p.startswith("SafeCLIP fast")] == [
+        "SafeCLIP fast mixed epoch, safe 25% (pass included)", "SafeCLIP fast mixed epoch, safe 75% (no pass)"]
+    modes = {row["mode"]: row for row in report["modes"]}
+    assert set(modes) == {"faithful", "fast"} and modes["faithful"]["ratio"] == report["whole_run"]["ratio"]
+    assert modes["faithful"]["arithmetic"] == pytest.approx((2 + 2 + 2 + 1 / 3 + 2 + 1 / 3) / 4)
+    assert modes["fast"]["arithmetic"] == pytest.approx((2 + 2 + 2 + 1 / 3 + 2) / 4)
+    for row in report["modes"]:
+        assert row["over_arithmetic"] == pytest.approx(row["ratio"] / row["arithmetic"])
+        assert 1 < row["authors_projected"] < 20 and row["authors_arithmetic"] > 2
+    assert [row["what"] for row in report["data_only"]] == ["raw read of every shard", "the pass's data pipeline"]
+    assert all(row["seconds"] > 0 for row in report["data_only"])
+
+
+def test_arithmetic_of_the_authors_schedule():
+    from open_clip_safe import bench
+
+    fractions = bench.authors_fractions()
+    assert len(fractions) == 26 and fractions[0] == 0.15 and fractions[-1] == pytest.approx(0.40)
+    mixed_safe = sum(fractions)
+    # two views everywhere and a pass each mixed epoch: 2 a step, 1/3 a pass
+    assert bench.arithmetic_ratio(5, 1, fractions, 2, fast=False) == pytest.approx((12 + 26 * 2 + 26 / 3) / 32)
+    # one-view CLIP loss, pass only before the first mixed epoch
+    assert bench.arithmetic_ratio(5, 1, fractions, 1, fast=True) == pytest.approx(
+        (11 + 2 * (26 - mixed_safe) + mixed_safe + 1 / 3) / 32)
+
+
+def test_projection_from_measured_rates_reproduces_the_measured_run():
+    """Projected to the schedule a run measured, the per-phase rates give back its whole-run ratio."""
+    from open_clip_safe import bench
+
+    def record(phase, seconds, samples=100):
+        return {"phase": phase, "seconds": seconds, "samples": samples}
+
+    plain = [record("open_clip epoch", 10)] * 4
+    safe = [record("inmodal", 20), record("crossmodal", 12),
+            record("similarity pass", 4), record("risky", 15), record("safe", 3), record("mixed epoch", 23),
+            record("risky", 5), record("safe", 9), record("mixed epoch", 15)]
+    fractions = [0.25, 0.75]  # what the records' risky / safe seconds per sample are built on
+    safe[3]["samples"], safe[4]["samples"], safe[6]["samples"], safe[7]["samples"] = 75, 25, 25, 75
+    measured = (20 + 12 + 23 + 15) / 40
+    assert bench.projected_ratio(plain, safe, 1, 1, fractions) == pytest.approx(measured, rel=0.02)
+    assert [had for _, had in bench.mixed_overheads(safe)] == [True, False]
 
 
 @pytest.mark.slow
