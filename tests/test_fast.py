@@ -1,7 +1,6 @@
-"""--safeclip-fast: splits after the first from the training steps' cosines, gathered by sample id."""
-import json
-import re
-import shutil
+"""--safeclip-fast: splits after the first from the training steps' cosines, gathered by sample id.
+
+Through two real ranks and a resume: test_safeclip_e2e.test_two_processes_through_all_phases_in_fast_mode."""
 from types import SimpleNamespace
 
 import numpy as np
@@ -11,11 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import run_module
 from open_clip_safe import diagnostics, params, similarity
 from open_clip_safe.cli import UsageError
 from open_clip_safe.training_scores import TrainingScores, pair_cosines
-from test_nccl import flags as nccl_flags, launch_two_ranks, nccl  # noqa: F401  (nccl: the fixture)
+from test_nccl import nccl  # noqa: F401  (the fixture)
 
 
 def pass_result(ids, similarity_values, rank=0):
@@ -88,53 +86,3 @@ def test_diagnostics_name_the_source_of_each_epochs_similarity(tmp_path):
     lines = diagnostics.diagnostics_table(rows).splitlines()
     assert lines[0].split()[:2] == ["epoch", "similarity"]
     assert lines[1].split()[:2] == ["2", "pass"] and lines[2].split()[:2] == ["3", "training"]
-
-
-def source_of(path):
-    return pq.read_schema(path).metadata[similarity.SOURCE_KEY.encode()].decode()
-
-
-@pytest.mark.slow
-def test_two_ranks_split_from_training_steps_and_a_resume_takes_a_real_pass(poisoned_world, tmp_path):
-    """Two ranks (the default group answering "nccl", every collective recorded), 1 warm-up + 3 mixed
-    epochs: the first split from a pass, the next two from the training steps, on the host group."""
-    codes, outputs = launch_two_ranks(
-        tmp_path, lambda rank: nccl_flags(poisoned_world["shards"], tmp_path / f"node{rank}", "fast", epochs=4)
-        + ["--safeclip-fast"])
-    assert codes == [0, 0], "\n".join(output[-3000:] for output in outputs)
-    run = tmp_path / "node0" / "fast"
-    log = (run / "out.log").read_text()
-    n = poisoned_world["num_samples"]
-    assert re.search(rf"SafeCLIP epoch 1: similarity pass [\d.]+s over {n} samples", log)
-    assert "similarity pass (epoch 2)" not in log and "similarity pass (epoch 3)" not in log
-    for epoch in (2, 3):
-        refreshed = int(re.search(rf"SafeCLIP epoch {epoch}: similarities from the last epoch's training steps "
-                                  rf"\(--safeclip-fast; (\d+) of {n} refreshed", log).group(1))
-        assert n - 2 * 32 < refreshed <= n  # all but each sub-epoch's remainder of a global batch (2 x 16)
-    tables = {e: pq.read_table(run / "similarity" / f"epoch_{e:03d}.parquet").to_pandas().set_index("key")
-              for e in (1, 2, 3)}
-    assert [source_of(run / "similarity" / f"epoch_{e:03d}.parquet") for e in (1, 2, 3)] == ["pass", "training",
-                                                                                            "training"]
-    for epoch in (2, 3):
-        table = tables[epoch].loc[tables[1].index]
-        assert len(table) == n and table["poisoned"].equals(tables[1]["poisoned"])  # rows stay with their keys
-        assert (table["similarity"] != tables[epoch - 1].loc[tables[1].index]["similarity"]).sum() > n // 2
-        assert "Train Epoch: %d risky" % epoch in log and "Train Epoch: %d safe" % epoch in log
-    for rank in (0, 1):
-        calls = json.loads((tmp_path / f"calls{rank}.json").read_text())
-        own = [c for c in calls if c["caller"] == "open_clip_safe.collectives"]
-        assert own and all(c["backend"] == "gloo" and c["devices"] in ([], ["cpu"]) for c in own)
-    table = diagnostics.diagnostics_table(diagnostics.split_diagnostics(run)[0])
-    assert [line.split()[1] for line in table.splitlines()[1:]] == ["pass", "training", "training"]
-
-    # resumed after epoch 3 of 4 (the second mixed epoch): the next split comes from a real pass
-    (tmp_path / "resumed").mkdir()
-    for folder in ("checkpoints", "safeclip_state"):
-        (tmp_path / "resumed" / "fast" / folder).mkdir(parents=True)
-        shutil.copy(run / folder / "epoch_3.pt", tmp_path / "resumed" / "fast" / folder / "epoch_3.pt")
-    resumed = run_module("open_clip_safe.main", *nccl_flags(poisoned_world["shards"], tmp_path / "resumed", "fast",
-                                                            epochs=4), "--safeclip-fast", "--resume", "latest")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    log = (tmp_path / "resumed" / "fast" / "out.log").read_text()
-    assert re.search(rf"SafeCLIP epoch 3: similarity pass [\d.]+s over {n} samples", log)
-    assert source_of(tmp_path / "resumed" / "fast" / "similarity" / "epoch_003.parquet") == "pass"

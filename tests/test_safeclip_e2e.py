@@ -27,35 +27,64 @@ def phases_logged(log):
     return {int(e): p for e, p in re.findall(r"SafeCLIP epoch (\d+): (\w+) phase", log)}
 
 
+def source_of(path):
+    return pq.read_schema(path).metadata[b"similarity_source"].decode()
+
+
 @pytest.mark.slow
-def test_two_processes_through_all_phases(poisoned_world, tmp_path, wordnet):
+def test_two_processes_through_all_phases_in_fast_mode(poisoned_world, tmp_path, wordnet):
+    """torchrun, two ranks, --safeclip-fast: the first split from a pass, the next two from the training
+    steps' cosines (rows stay with their keys); a resume before the last epoch takes a real pass."""
     result = run_cli([shutil.which("torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "--",
-                      "open_clip_safe.main", *safeclip_flags(poisoned_world["shards"], tmp_path, "e2e")], timeout=600)
+                      "open_clip_safe.main", *safeclip_flags(poisoned_world["shards"], tmp_path, "e2e",
+                                                             ["--safeclip-fast"])], timeout=600)
     assert result.returncode == 0, result.stderr[-5000:]
-    log = (tmp_path / "e2e" / "out.log").read_text()
+    run = tmp_path / "e2e"
+    log = (run / "out.log").read_text()
     assert phases_logged(log) == {0: "inmodal", 1: "crossmodal", 2: "mixed", 3: "mixed", 4: "mixed"}
 
     n = poisoned_world["num_samples"]
-    fractions = []
+    tables, fractions = {}, []
     for epoch in (2, 3, 4):
-        table = pq.read_table(tmp_path / "e2e" / "similarity" / f"epoch_{epoch:03d}.parquet").to_pandas()
+        table = pq.read_table(run / "similarity" / f"epoch_{epoch:03d}.parquet").to_pandas()
         assert len(table) == n and table["key"].is_unique
         assert table["poisoned"].sum() == poisoned_world["num_poisoned"]
         assert (table["epoch"] == epoch).all()
         fractions.append(table["safe"].mean())
+        tables[epoch] = table.set_index("key")
     first = fractions[0]
     assert fractions[1] == min(0.6, int((first + 0.25) * n) / n) or abs(fractions[1] - min(0.6, first + 0.25)) <= 1 / n
     assert abs(fractions[2] - min(0.6, first + 0.5)) <= 1 / n
-    for epoch in (2, 3, 4):
-        assert re.search(rf"SafeCLIP epoch {epoch}: similarity pass .* safe fraction", log)
+    assert re.search(rf"SafeCLIP epoch 2: similarity pass [\d.]+s over {n} samples; safe fraction", log)
+    assert [source_of(run / "similarity" / f"epoch_{e:03d}.parquet") for e in (2, 3, 4)] == ["pass", "training",
+                                                                                            "training"]
+    for epoch in (3, 4):
+        assert f"similarity pass (epoch {epoch})" not in log
+        refreshed = int(re.search(rf"SafeCLIP epoch {epoch}: similarities from the last epoch's training steps "
+                                  rf"\(--safeclip-fast; (\d+) of {n} refreshed", log).group(1))
+        assert n - 2 * 32 < refreshed <= n  # all but each sub-epoch's remainder of a global batch (2 x 16)
+        table = tables[epoch].loc[tables[2].index]
+        assert table["poisoned"].equals(tables[2]["poisoned"])  # rows stay with their keys
+        assert (table["similarity"] != tables[epoch - 1].loc[tables[2].index]["similarity"]).sum() > n // 2
     assert re.search(r"Train Epoch: 4 risky", log) and re.search(r"Train Epoch: 4 safe", log)
 
-    checkpoint = torch.load(tmp_path / "e2e" / "checkpoints" / f"epoch_{EPOCHS}.pt", map_location="cpu")
+    checkpoint = torch.load(run / "checkpoints" / f"epoch_{EPOCHS}.pt", map_location="cpu")
     state = {k.removeprefix("module."): v for k, v in checkpoint["state_dict"].items()}
     path = tmp_path / "plain.pt"
     torch.save(state, path)
     model, _, _ = open_clip.create_model_and_transforms("safeclip-micro", pretrained=str(path))
     assert torch.equal(model.logit_scale.detach(), state["logit_scale"])
+
+    # stopped after epoch 4 of 5 and resumed: the kept cosines are gone, so epoch 4's split takes a pass
+    for folder in ("checkpoints", "safeclip_state"):
+        (tmp_path / "resumed" / "e2e" / folder).mkdir(parents=True)
+        shutil.copy(run / folder / "epoch_4.pt", tmp_path / "resumed" / "e2e" / folder / "epoch_4.pt")
+    resumed = run_module("open_clip_safe.main", *safeclip_flags(poisoned_world["shards"], tmp_path / "resumed", "e2e",
+                                                                ["--safeclip-fast"]), "--resume", "latest")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    log = (tmp_path / "resumed" / "e2e" / "out.log").read_text()
+    assert re.search(rf"SafeCLIP epoch 4: similarity pass [\d.]+s over {n} samples", log)
+    assert source_of(tmp_path / "resumed" / "e2e" / "similarity" / "epoch_004.parquet") == "pass"
 
 
 def final_state(run_dir, epoch):
