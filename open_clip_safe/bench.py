@@ -118,7 +118,7 @@ def mixed_overheads(records):
 def summarize(plain, safe, fractions, mode="faithful"):
     """Per-phase rows (samples/s, ratio to open_clip) and the whole-run ratio."""
     plain_epochs = [r for r in plain if r["phase"] == "open_clip epoch"]
-    plain_rate = sum(r["samples"] for r in plain_epochs) / sum(r["seconds"] for r in plain_epochs)
+    plain_rate = 1 / rate(plain, "open_clip epoch")
     rows = [{"phase": "open_clip epoch", "samples": plain_epochs[0]["samples"],
              "seconds": sum(r["seconds"] for r in plain_epochs) / len(plain_epochs), "samples_per_s": plain_rate,
              "ratio": 1.0, "peak_memory_mib": max(r["peak_memory_mib"] for r in plain_epochs)}]
