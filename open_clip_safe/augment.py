@@ -5,6 +5,7 @@ database files, which this module turns into an NLTK corpus (they lack only `lex
 WordNet anywhere it raises, naming what to install: a caption augmenter without synonyms would be
 a weaker defense that nobody asked for.
 """
+import copy
 import os
 import random
 import re
@@ -12,7 +13,6 @@ import shutil
 import warnings
 
 from open_clip.transform import _convert_to_rgb
-from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
 from torchvision import transforms
 
 # ---------------------------------------------------------------- images
@@ -160,11 +160,24 @@ _READERS = {}
 
 def default_wordnet():
     """One reader per process: a reader inherited through fork shares its open files' read
-    positions with the parent's, and concurrent lookups then read the wrong synsets."""
+    positions with the parent's, and concurrent lookups then read the wrong synsets. A forked
+    process (a data-loader worker; every sub-epoch starts new ones) copies the inherited reader
+    with its data files closed instead of parsing WordNet's index again (seconds a worker)."""
     pid = os.getpid()
     if pid not in _READERS:
-        _READERS[pid] = load_wordnet()
+        inherited = next(iter(_READERS.values()), None)
+        _READERS[pid] = load_wordnet() if inherited is None else reopened(inherited)
     return _READERS[pid]
+
+
+def reopened(reader):
+    """`reader` sharing its parsed indexes, with none of its open files (NLTK reopens them on use)."""
+    if not hasattr(reader, "_data_file_map"):  # an NLTK whose reader keeps its files elsewhere
+        return load_wordnet()
+    own = copy.copy(reader)
+    own._data_file_map = {}
+    own._key_count_file = own._key_synset_file = None
+    return own
 
 
 # ---------------------------------------------------------------- EDA captions
@@ -187,7 +200,10 @@ class EdaAugmenter:
     OPERATIONS = ("synonym_replacement", "random_insertion", "random_swap", "random_deletion")
 
     def __init__(self, alpha=0.1, p_delete=0.1, wordnet=None):
+        from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS  # here: scikit-learn takes seconds to import
+
         self.alpha, self.p_delete = alpha, p_delete
+        self.stop_words = ENGLISH_STOP_WORDS
         self._own_wordnet = wordnet
         if wordnet is None:
             default_wordnet()  # fail at construction, not in a worker
@@ -226,7 +242,7 @@ class EdaAugmenter:
     def synonym_replacement(self, words, rng):
         """Replace every occurrence of up to n distinct non-stop words with one synonym each."""
         words = list(words)
-        candidates = sorted({word for word in words if word not in ENGLISH_STOP_WORDS})
+        candidates = sorted({word for word in words if word not in self.stop_words})
         rng.shuffle(candidates)
         replaced = 0
         for word in candidates:

@@ -83,6 +83,9 @@ class InSubset:
         return bool(self.lookup.is_safe([sample_id(sample["__key__"])])[0]) == self.want_safe
 
 
+NO_VIEW = torch.empty(0)
+
+
 class TwoViews:
     """Two augmented image views and two caption views of one sample.
 
@@ -106,13 +109,17 @@ class TwoViews:
     def tokens(self, caption, key, view):
         return self.tokenizer([self.caption(caption, key, view)])[0]
 
-    def __call__(self, image, caption, key):
+    def __call__(self, image, caption, key, both=True):
+        """(image v1, image v2, caption v1, caption v2); with both=False, for a step that embeds view 1
+        only, view 2 is an empty tensor (its augmentation and tokenizing cost nothing)."""
+        if not both:
+            return self.image_augment(image), NO_VIEW, self.tokens(caption, key, 1), NO_VIEW
         return (self.image_augment(image), self.image_augment(image),
                 self.tokens(caption, key, 1), self.tokens(caption, key, 2))
 
-    def train_tuple(self, sample):
+    def train_tuple(self, sample, both=True):
         """(id, image v1, image v2, caption v1, caption v2) of a webdataset record."""
-        return (sample_id(sample["key"]), *self(sample["image"], sample["text"], sample["key"]))
+        return (sample_id(sample["key"]), *self(sample["image"], sample["text"], sample["key"], both))
 
     def pass_view(self, image, caption, key):
         """What the similarity pass embeds: view 1 (the authors) or the plain image and caption."""
@@ -159,12 +166,14 @@ def record(sample):
     return {"image": image, "text": sample["txt"], "key": sample["__key__"], "meta": sample.get("json")}
 
 
-def decoded(select=None):
+def selected(select=None):
+    """Pipeline stages that drop raw tar samples: those without a caption or image, those not in `select`."""
+    return [wds.select(filter_no_caption_or_no_image)] + ([] if select is None else [wds.select(select)])
+
+
+def decoded():
     """Pipeline stages from raw tar samples to records."""
-    stages = [wds.select(filter_no_caption_or_no_image)]
-    if select is not None:
-        stages.append(wds.select(select))  # before decoding: skipped samples cost no image decode
-    return stages + [wds.decode("pilrgb", handler=log_and_continue), wds.map(record)]
+    return [wds.decode("pilrgb", handler=log_and_continue), wds.map(record)]
 
 
 def pass_after_pass(samples):
@@ -210,7 +219,7 @@ class WorkerShare(wds.PipelineStage):
             yield item
 
 
-def wds_train_loader(args, views, shared_epoch, num_samples, select=None):
+def wds_train_loader(args, views, shared_epoch, num_samples, select=None, both_views=True):
     """batches_for(num_samples) full batches of (id, v1, v2, t1, t2) per rank, spread over the workers."""
     shares = worker_shares(batches_for(num_samples, args), max(1, args.workers))
     if args.dataset_resampled:
@@ -220,8 +229,11 @@ def wds_train_loader(args, views, shared_epoch, num_samples, select=None):
                   detshuffle2(bufsize=_SHARD_SHUFFLE_SIZE, initial=_SHARD_SHUFFLE_INITIAL, seed=args.seed,
                               epoch=shared_epoch),
                   wds.split_by_node, wds.split_by_worker]
-    samples = wds.DataPipeline(*shards, tarfile_to_samples_nothrow, *decoded(select),
-                               SeededShuffle(args.seed, shared_epoch), wds.map(views.train_tuple))
+    # shuffled before decoding (as open_clip does): the buffer fills with raw bytes, so the first
+    # batch does not wait for a buffer of decoded images, and skipped samples cost no decode
+    samples = wds.DataPipeline(*shards, tarfile_to_samples_nothrow, *selected(select),
+                               SeededShuffle(args.seed, shared_epoch), *decoded(),
+                               wds.map(partial(views.train_tuple, both=both_views)))
     pipeline = wds.DataPipeline(partial(pass_after_pass, samples), wds.batched(args.batch_size, partial=False),
                                 WorkerShare(shares))
     loader = wds.WebLoader(pipeline, batch_size=None, shuffle=False,
@@ -235,7 +247,8 @@ def wds_pass_loader(args, views, batch_size):
     """Every sample exactly once across ranks and workers: (ids, keys, poisoned, v1, t1) batches."""
     pipeline = wds.DataPipeline(
         wds.SimpleShardList(args.train_data), wds.split_by_node, wds.split_by_worker,
-        tarfile_to_samples_nothrow, *decoded(), wds.map(views.pass_tuple), wds.batched(batch_size, partial=True))
+        tarfile_to_samples_nothrow, *selected(), *decoded(), wds.map(views.pass_tuple),
+        wds.batched(batch_size, partial=True))
     workers = min(args.workers, max(1, len(shard_list(args.train_data)) // args.world_size))
     return wds.WebLoader(pipeline, batch_size=None, shuffle=False, num_workers=workers)
 
@@ -275,8 +288,8 @@ class CsvSamples(Dataset):
 class CsvRows(Dataset):
     """CSV rows as training tuples (both views) or, with `pass_view`, similarity-pass tuples (view 1)."""
 
-    def __init__(self, samples, views, pass_view=False):
-        self.samples, self.views, self.pass_view = samples, views, pass_view
+    def __init__(self, samples, views, pass_view=False, both_views=True):
+        self.samples, self.views, self.pass_view, self.both_views = samples, views, pass_view, both_views
 
     def __len__(self):
         return len(self.samples)
@@ -285,7 +298,7 @@ class CsvRows(Dataset):
         image, caption, key = self.samples.load(index)
         if self.pass_view:
             return (index, key, int(self.samples.poison[index]), *self.views.pass_view(image, caption, key))
-        return (index, *self.views(image, caption, key))
+        return (index, *self.views(image, caption, key, self.both_views))
 
 
 def seed_worker(worker_id):
@@ -339,15 +352,16 @@ class SafeclipData(DataInfo):
     num_samples: int = 0
     run: object = None  # SafeCLIP's schedule state (open_clip_safe.safeclip.SafeclipRun)
 
-    def train_loader(self, epoch, lookup=None, want_safe=None):
-        """A loader over all samples, or over the safe / risky subset of `lookup`."""
+    def train_loader(self, epoch, lookup=None, want_safe=None, both_views=True):
+        """A loader over all samples, or over the safe / risky subset of `lookup`; with both_views=False
+        its batches carry view 1 only (TwoViews)."""
         self.set_epoch(epoch)
         if self.kind == "csv":
             indices = None if lookup is None else lookup.subset_indices(want_safe)
-            return csv_train_loader(self.args, CsvRows(self.csv, self.views), epoch, indices)
+            return csv_train_loader(self.args, CsvRows(self.csv, self.views, both_views=both_views), epoch, indices)
         count = self.num_samples if lookup is None else lookup.count(want_safe)
         select = None if lookup is None else lookup.select(want_safe)
-        return wds_train_loader(self.args, self.views, self.shared_epoch, count, select)
+        return wds_train_loader(self.args, self.views, self.shared_epoch, count, select, both_views)
 
     def pass_loader(self, batch_size):
         if self.kind == "csv":

@@ -14,7 +14,6 @@ import re
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from sklearn.metrics import roc_auc_score, roc_curve
 
 from open_clip_safe.cli import percent
 from open_clip_safe.data import POISON_KINDS
@@ -58,6 +57,8 @@ def detector_metrics(score, tiebreak, poison):
     """The split as a detector of poisoned samples (ranked riskiest first), for all poisons and per
     kind: ROC AUC and the true-positive rate at each of FALSE_POSITIVE_RATES. `poison` holds the
     pass's codes (-1 unknown, else an index into data.POISON_KINDS); None where no sample is known."""
+    from sklearn.metrics import roc_auc_score, roc_curve  # here: scikit-learn takes seconds to import
+
     poison = np.asarray(poison)
     clean = poison == 0
     if not clean.any() or not (poison > 0).any():

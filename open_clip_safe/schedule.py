@@ -11,7 +11,6 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 from open_clip_train.scheduler import cosine_lr
-from sklearn.mixture import GaussianMixture
 
 PHASES = ("inmodal", "crossmodal", "mixed")
 GMM_MAX_FIT_SAMPLES = 1_000_000
@@ -43,6 +42,8 @@ def gmm_fit(similarity, max_fit_samples=GMM_MAX_FIT_SAMPLES, seed=0, chunk=1 << 
     """gmm_clean_probability, and how far the mixture's components stand apart: Ashman's
     D = sqrt(2) |mu1 - mu2| / sqrt(var1 + var2); below SEPARATED the "clean" component is only the
     upper half of one hump, not a group of its own."""
+    from sklearn.mixture import GaussianMixture  # here: scikit-learn takes seconds to import
+
     similarity = np.asarray(similarity).reshape(-1)
     fit_on = similarity
     if len(similarity) > max_fit_samples:

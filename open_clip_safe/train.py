@@ -153,9 +153,11 @@ def train_one_epoch(model, data, loss, epoch, optimizer, scaler, scheduler, dist
     if is_master(args):
         logging.info(f"SafeCLIP epoch {epoch}: {phase} phase")
     if phase != "mixed":
-        loader = train.dataloader if run.fresh_loader else train.train_loader(epoch)
-        run.fresh_loader = False
         loss_fn = loss.inmodal if phase == "inmodal" else loss.clip
+        both_views = loss_fn.needs_both_views  # get_data's loader (both views) serves a first epoch that needs them
+        loader = (train.dataloader if run.fresh_loader and both_views
+                  else train.train_loader(epoch, both_views=both_views))
+        run.fresh_loader = False
         steps_before = run.plan.warmup_steps_before(epoch)
         losses = run_steps(model, loader, loss_fn, optimizer, scaler,
                            lambda i: run.plan.warmup_lr(steps_before + i), args, epoch, phase, run, tb_writer)
@@ -220,7 +222,7 @@ def mixed_epoch(model, train, loss, epoch, optimizer, scaler, args, run, tb_writ
                 logging.info(f"SafeCLIP epoch {epoch}: the {tag} set ({count} samples) is smaller than one global "
                              f"batch ({args.batch_size * args.world_size}); its sub-epoch is skipped")
             continue
-        loader = train.train_loader(epoch, lookup, want_safe)
+        loader = train.train_loader(epoch, lookup, want_safe, loss_fn.needs_both_views)
         steps_before = run.plan.sub_epoch_steps_before(epoch, tag)
         run_steps(model, loader, loss_fn, optimizer, scaler,
                   lambda i, tag=tag, before=steps_before: run.plan.sub_epoch_lr(tag, before + i),

@@ -90,7 +90,7 @@ def test_synonym_replacement_replaces_n_content_words_with_synonyms(eda):
         changed = [(old, new) for old, new in zip(words, out) if old != new]
         assert len(out) == len(words) and len(changed) == 1
         old, new = changed[0]
-        assert old not in augment.ENGLISH_STOP_WORDS and new in eda.synonyms(old)
+        assert old not in eda.stop_words and new in eda.synonyms(old)
     many = ("car dog house river " * 5).split()  # 20 words: n = 2 distinct words, every occurrence replaced
     out = eda.synonym_replacement(many, random.Random(0))
     assert len({old for old, new in zip(many, out) if old != new}) == 2
@@ -185,20 +185,43 @@ def test_debian_database_becomes_an_nltk_corpus(tmp_path):
     assert "automobile" in car.lemma_names() and car.lexname() == "noun.artifact"
 
 
-def child_has_own_reader(parent_pid, queue):
+WORDS = ("large", "dog", "car", "house", "small", "run", "bright", "water", "stone", "light")
+
+
+def child_reads_wordnet(parent_pid, queue):
     from open_clip_safe import augment
-    queue.put(augment.default_wordnet() is not augment._READERS[parent_pid])
+
+    def no_second_load():
+        raise AssertionError("the worker parsed WordNet again")
+
+    augment.load_wordnet = no_second_load
+    reader = augment.default_wordnet()
+    parent = augment._READERS[parent_pid]
+    shared_files = set(map(id, parent._data_file_map.values())) & set(map(id, reader._data_file_map.values()))
+    lookups = [[synset.name() for synset in reader.synsets(word)] for word in WORDS * 20]
+    queue.put((reader is not parent, reader._lemma_pos_offset_map is parent._lemma_pos_offset_map,
+               not shared_files, lookups))
 
 
-def test_forked_workers_open_their_own_wordnet_reader(wordnet):
+def test_forked_workers_reuse_the_parsed_wordnet_with_their_own_files(wordnet):
     """A reader inherited through fork shares open files' read positions with the parent's: two
-    data-loader workers then read wrong synsets (seen as 'No WordNet synset found' and a crash)."""
+    data-loader workers then read wrong synsets (seen as 'No WordNet synset found' and a crash).
+    Each worker copies the parent's parsed indexes and opens its own files, without parsing again."""
     import multiprocessing
 
     EdaAugmenter().synonyms("large")  # the parent's reader has its files open
+    expected = [[synset.name() for synset in wordnet.synsets(word)] for word in WORDS]
     context = multiprocessing.get_context("fork")
     queue = context.Queue()
-    child = context.Process(target=child_has_own_reader, args=(os.getpid(), queue))
-    child.start()
-    child.join(60)
-    assert queue.get(timeout=10) is True
+    children = [context.Process(target=child_reads_wordnet, args=(os.getpid(), queue)) for _ in range(2)]
+    for child in children:
+        child.start()
+    for _ in range(20):  # the parent reads at the same time
+        assert [[synset.name() for synset in wordnet.synsets(word)] for word in WORDS] == expected
+    results = [queue.get(timeout=60) for _ in children]
+    for child in children:
+        child.join(60)
+        assert child.exitcode == 0
+    for own_reader, shares_indexes, own_files, lookups in results:
+        assert own_reader and shares_indexes and own_files
+        assert lookups == expected * 20

@@ -103,3 +103,21 @@ def test_image_aug_choice_sets_the_training_views(world, tmp_path, image_aug, ca
         assert not torch.allclose(image_v1, image_v2)
         assert not any(view.numpy().tobytes() in plain for view in image_v1)
         assert "--aug-cfg does not change SafeCLIP's image views" in caplog.text
+
+
+@pytest.mark.parametrize("kind", ["shards", "csv"])
+def test_a_one_view_stream_carries_the_same_samples_without_view_two(world, tmp_path, kind):
+    """A step that embeds view 1 only (the one-view CLIP loss) gets batches whose view 2 is empty:
+    no second augmentation or tokenizing; the samples, their order and caption view 1 are unchanged."""
+    args = parse_args(["--train-data", world["splits"]["train"][kind], "--model", "safeclip-micro",
+                       "--device", "cpu", "--batch-size", "16", "--workers", "1", "--logs", str(tmp_path),
+                       "--name", "run", "--safeclip", "--epochs", "9", "--seed", "3"])
+    args.rank, args.world_size, args.distributed = 0, 1, False
+    _, preprocess, _ = open_clip.create_model_and_transforms("safeclip-micro")
+    data = get_safeclip_data(args, preprocess, None, open_clip.get_tokenizer("safeclip-micro"))
+    both, one = list(data.train_loader(2)), list(data.train_loader(2, both_views=False))
+    assert len(both) == len(one) == 15
+    for (ids, image_v1, image_v2, text_v1, text_v2), (ids_1, image_1, no_image, text_1, no_text) in zip(both, one):
+        assert torch.equal(ids, ids_1) and torch.equal(text_v1, text_1)
+        assert image_1.shape == image_v2.shape == (16, 3, 32, 32)
+        assert no_image.shape == no_text.shape == (16, 0)
