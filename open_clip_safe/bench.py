@@ -355,7 +355,7 @@ def neighbour_scale(num_samples, reference, embed_dim, device, seed=0):
     result = SimpleNamespace(local_ids=ids, num_samples=num_samples, image=image, text=text, digests=digests,
                              counts=[num_samples])
     args = SimpleNamespace(rank=0, world_size=1, distributed=False, device=device,
-                           safeclip_neighbour_reference=reference, safeclip_score_quantile=0.05, safeclip_density_quantile=0.0)
+                           safeclip_neighbour_reference=reference, safeclip_score_quantile=0.05)
     cuda = device.startswith("cuda")
     if cuda:
         torch.cuda.reset_peak_memory_stats()

@@ -48,7 +48,6 @@ class DemoConfig:
     cross_aug: bool = False  # raw captions make both caption views equal: crosswise only doubles every forward
     safe_fraction_step: float = 0.25  # cap 85% at the 5th mixed epoch; slower growth costs accuracy (docs/demo.md)
     score: str = "mixture"  # --safeclip-score
-    density_quantile: float = 0.0  # --safeclip-density-quantile
     adaptive: bool = False  # both attacks with --adaptive-captions
     fast: bool = False  # --safeclip-fast
 
@@ -123,8 +122,6 @@ def training_command(config, train_data, logs, name, seed, safeclip, device="cpu
             command.append("--safeclip-no-cross-aug")
         if config.fast:
             command.append("--safeclip-fast")
-        if config.density_quantile:
-            command += ["--safeclip-density-quantile", config.density_quantile]
     return [str(part) for part in command]
 
 
@@ -265,8 +262,6 @@ def parse_args(argv):
                              "target (the attack tool's --adaptive-captions).")
     parser.add_argument("--score", choices=("mixture", "neighbours"),
                         help=f"SafeCLIP's --safeclip-score (default: {DemoConfig.score}).")
-    parser.add_argument("--density-quantile", type=float,
-                        help="SafeCLIP's --safeclip-density-quantile (needs --score neighbours; default: off).")
     parser.add_argument("--fast", action="store_true",
                         help="SafeCLIP's --safeclip-fast: splits after the first from the training steps' cosines.")
     add_device_flags(parser)
@@ -276,12 +271,9 @@ def parse_args(argv):
     if args.quick:
         config = replace(QUICK, world_style=world.world_style, target=world.target, patch_kind=world.patch_kind,
                          patch_location=world.patch_location)
-    config = replace(config, adaptive=args.adaptive, score=args.score or config.score, fast=args.fast,
-                     density_quantile=args.density_quantile or config.density_quantile)
+    config = replace(config, adaptive=args.adaptive, score=args.score or config.score, fast=args.fast)
     if config.fast and config.score == "neighbours":
         parser.error("--fast cannot take --score neighbours (the second signal needs a similarity pass)")
-    if config.density_quantile and config.score != "neighbours":
-        parser.error("--density-quantile needs --score neighbours")
     if args.epochs is not None:
         if args.epochs < config.inmodal_epochs + config.crossmodal_epochs + 1:
             parser.error(f"--epochs must leave at least one mixed SafeCLIP epoch after "

@@ -10,10 +10,6 @@ Two marks of a poison that the image-caption similarity alone misses (docs/desig
   neighbours do not (`caption_agreement`), and a poisoned image looks unlike the images of its
   caption's nearest neighbours (`image_agreement`). Copies of the sample's own image are left out
   of its neighbours, or a targeted image's copies would vouch for each other.
-- **density** (off unless --safeclip-density-quantile > 0): images carrying one learned trigger
-  embed into one tight cluster, whose captions agree with each other, so the consistency mark
-  passes them; their nearest image neighbours are much closer than a clean image's (Huang et al.,
-  ICLR 2025). `density` is the cosine to the k-th nearest image neighbour, copies left out.
 
 Every sample is scored once, on the rank that embedded it, against a reference set: all samples up
 to --safeclip-neighbour-reference, a fixed random subset of that size beyond. The reference's
@@ -85,19 +81,12 @@ def agreement(own, others_of_candidate, valid, k):
     return (cosines * chosen).sum(dim=1) / chosen.sum(dim=1).clamp(min=1)
 
 
-def kth_cosine(cosines, valid, k):
-    """Each row's k-th largest valid cosine (the last valid one where fewer are valid; -1 where none)."""
-    chosen = valid & (valid.cumsum(dim=1) <= k)
-    above_any = cosines.new_full((len(cosines), 1), 2.0)  # keeps the minimum defined with no candidates
-    return torch.cat([cosines.where(chosen, 2.0), above_any], dim=1).amin(dim=1).where(chosen.any(dim=1), -1.0)
-
-
 def local_scores(image, text, ids, reference_image, reference_text, reference_ids, device, dtype):
-    """caption_agreement, image_agreement, density and copy_seen (a reference sample other than itself
-    has a copy of its image) of this rank's samples against the reference set."""
+    """caption_agreement, image_agreement and copy_seen (a reference sample other than itself has a
+    copy of its image) of this rank's samples against the reference set."""
     keys_image, keys_text = reference_image.to(device, dtype), reference_text.to(device, dtype)
     reference_ids = torch.as_tensor(reference_ids, device=device)
-    captions, images, densities, copies = [], [], [], []
+    captions, images, copies = [], [], []
     for begin in range(0, len(image), QUERY_CHUNK):
         query_image = image[begin:begin + QUERY_CHUNK].to(device, dtype)
         query_text = text[begin:begin + QUERY_CHUNK].to(device, dtype)
@@ -112,13 +101,12 @@ def local_scores(image, text, ids, reference_image, reference_text, reference_id
             other = reference_ids[candidates] != query_ids[:, None]
             if keys is keys_image:  # its image's nearest neighbours: any copy is among them
                 copies.append((copy & other).any(dim=1).cpu())
-                densities.append(kth_cosine(cosines, ~copy & other, k).float().cpu())
             own = query_text if others is keys_text else query_image
             results.append(agreement(own, others[candidates], ~copy & other, k))
         captions.append(results[0].float().cpu())
         images.append(results[1].float().cpu())
     empty = torch.zeros(0)
-    return (*((torch.cat(values) if values else empty).numpy() for values in (captions, images, densities)),
+    return ((torch.cat(captions) if captions else empty).numpy(), (torch.cat(images) if images else empty).numpy(),
             (torch.cat(copies) if copies else empty.bool()).numpy().astype(np.uint8))
 
 
@@ -136,8 +124,8 @@ def gather_reference(args, image, text, ids, members, counts):
 
 def second_signal(args, result):
     """The second signal of every sample, from the pass's embeddings (`result.image`, `.text`, `.digests`
-    of this rank's samples): on rank 0 a dict of the flagged mask and the log's columns (copy,
-    consistency, density, dense) plus the seconds it took, None on the other ranks."""
+    of this rank's samples): on rank 0 a dict of the flagged mask and the log's columns (copies,
+    consistency) plus the seconds it took, None on the other ranks."""
     start = time.time()
     ids = result.local_ids
     members = reference_members(ids, result.num_samples, args.safeclip_neighbour_reference)
@@ -148,15 +136,15 @@ def second_signal(args, result):
                         "(--safeclip-neighbour-reference too small?); only copies by digest are flagged")
     device = torch.device(args.device)
     dtype = torch.float32 if device.type == "cpu" else torch.float16  # CPU matmuls in half are slow
-    caption_agreement, image_agreement, density, copy_seen = local_scores(
+    caption_agreement, image_agreement, copy_seen = local_scores(
         result.image, result.text, ids, reference_image, reference_text, reference_ids, device, dtype)
     gathered = [collectives.gather_rows(args, values, result.counts, dst=0)
-                for values in (result.digests, caption_agreement, image_agreement, density, copy_seen)]
+                for values in (result.digests, caption_agreement, image_agreement, copy_seen)]
     if args.rank != 0:
         return None
-    marks = flag(*gathered, args.safeclip_score_quantile, args.safeclip_density_quantile)
-    flagged = marks.pop("flagged")
-    return {"flagged": flagged, "columns": marks, "reference": len(reference_ids), "seconds": time.time() - start}
+    flagged, copies, consistency = flag(*gathered, args.safeclip_score_quantile)
+    return {"flagged": flagged, "columns": {"copy": copies, "consistency": consistency},
+            "reference": len(reference_ids), "seconds": time.time() - start}
 
 
 def percentile_rank(values):
@@ -165,19 +153,16 @@ def percentile_rank(values):
     return np.searchsorted(order, values, side="right") / max(1, len(values))
 
 
-def flag(digests, caption_agreement, image_agreement, density, copy_seen, quantile, density_quantile=0.0):
-    """Rank 0: which samples the second signal flags, and the log's columns of each mark.
+def flag(digests, caption_agreement, image_agreement, copy_seen, quantile):
+    """Rank 0: which samples the second signal flags, and the consistency each got.
 
     Flagged: every sample whose image digest another sample shares or that saw a copy of its image
     among its reference neighbours (copies: the digest finds them all, the cosine those whose
-    embeddings differ by rounding, as fp16 batches of other sizes may); the `quantile` of samples
-    whose consistency, percentile_rank(caption agreement) + percentile_rank(image agreement), ranks
-    lowest; and the `density_quantile` of samples whose density ranks highest."""
+    embeddings differ by rounding, as fp16 batches of other sizes may), and the `quantile` of
+    samples whose consistency, percentile_rank(caption agreement) + percentile_rank(image agreement),
+    ranks lowest."""
     _, inverse, count = np.unique(digests, return_inverse=True, return_counts=True)
     copies = (count[inverse.reshape(-1)] > 1) | np.asarray(copy_seen, dtype=bool)
     consistency = (percentile_rank(caption_agreement) + percentile_rank(image_agreement)).astype(np.float32)
     inconsistent = percentile_rank(consistency) <= quantile
-    density = np.asarray(density, dtype=np.float32)
-    dense = percentile_rank(-density) <= density_quantile
-    return {"flagged": copies | inconsistent | dense, "copy": copies, "consistency": consistency,
-            "density": density, "dense": dense}
+    return copies | inconsistent, copies, consistency

@@ -205,9 +205,6 @@ def safeclip_parser():
                             "last (copies of one image; captions unlike those of the image's nearest neighbours).")
     group.add_argument("--safeclip-score-quantile", type=float, default=0.05,
                        help="neighbours: the share of samples, those least consistent with their neighbours, flagged.")
-    group.add_argument("--safeclip-density-quantile", type=float, default=0.0,
-                       help="neighbours: the share of samples, those whose nearest image neighbours lie closest "
-                            "(a learned trigger's tight cluster), flagged as well; 0 = off.")
     group.add_argument("--safeclip-neighbour-reference", type=int, default=1_000_000,
                        help="neighbours: search among all samples up to this many, else among a fixed random "
                             "subset of this size.")
@@ -258,10 +255,6 @@ def check_safeclip_args(args, defaults):
     check_fraction(args.safeclip_safe_fraction_auto_share, "--safeclip-safe-fraction-auto-share")
     if not 0 <= args.safeclip_score_quantile < 1:
         raise UsageError(f"--safeclip-score-quantile must be in [0, 1), got {args.safeclip_score_quantile}")
-    if not 0 <= args.safeclip_density_quantile < 1:
-        raise UsageError(f"--safeclip-density-quantile must be in [0, 1), got {args.safeclip_density_quantile}")
-    if args.safeclip_density_quantile and args.safeclip_score != "neighbours":
-        raise UsageError("--safeclip-density-quantile needs --safeclip-score neighbours")
     if args.safeclip_score == "neighbours" and args.safeclip_sim_views != "plain":
         raise UsageError("--safeclip-score neighbours needs --safeclip-sim-views plain: under augmented views the "
                          "copies of one image embed apart, and the second signal cannot find them")

@@ -203,8 +203,7 @@ def mixed_epoch(model, train, loss, epoch, optimizer, scaler, args, run, tb_writ
         if signal:
             logging.info(f"SafeCLIP epoch {epoch}: second signal {signal['seconds']:.1f}s against "
                          f"{signal['reference']} reference samples: flagged {int(signal['flagged'].sum())} "
-                         f"({int(signal['columns']['copy'].sum())} copies of an image, "
-                         f"{int(signal['columns']['dense'].sum())} in the densest quantile)"
+                         f"({int(signal['columns']['copy'].sum())} copies of an image)"
                          f"{moved_note(split, result.similarity, poisoned)}")
             scalars.update(second_signal_seconds=signal["seconds"], flagged_samples=int(signal["flagged"].sum()))
         if detector:

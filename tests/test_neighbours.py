@@ -51,8 +51,8 @@ def test_a_caption_unlike_its_neighbours_captions_agrees_least():
     text = text.clone()
     text[wrong] = unit(centres[(labels[wrong] + 1) % 8] + 0.3 * np.random.default_rng(1).normal(size=(len(wrong), 32)))
     ids = np.arange(len(labels))
-    captions, images, _, copy_seen = neighbours.local_scores(image, text, ids, image, text, ids,
-                                                             torch.device("cpu"), torch.float32)
+    captions, images, copy_seen = neighbours.local_scores(image, text, ids, image, text, ids, torch.device("cpu"),
+                                                          torch.float32)
     assert not copy_seen.any()
     assert set(np.argsort(captions)[:len(wrong)]) == set(wrong)
     assert set(np.argsort(images)[:len(wrong)]) == set(wrong)
@@ -66,12 +66,11 @@ def test_copies_do_not_vouch_for_each_other():
     poison_text = unit(centres[[6] * 12] + 0.3 * np.random.default_rng(2).normal(size=(12, 32)))
     image, text = torch.cat([image, poison_image]), torch.cat([text, poison_text])
     ids = np.arange(len(image))
-    captions, _, density, copy_seen = neighbours.local_scores(image, text, ids, image, text, ids,
-                                                              torch.device("cpu"), torch.float32)
+    captions, _, copy_seen = neighbours.local_scores(image, text, ids, image, text, ids, torch.device("cpu"),
+                                                     torch.float32)
     assert captions[-12:].max() < np.percentile(captions[:-12], 5)
     # image 3 and its 12 copies see one another; a copy that rounding moved off the digest is still found
     assert set(np.flatnonzero(copy_seen)) == {3} | set(range(len(image) - 12, len(image)))
-    assert density[-12:].max() < 0.999, "copies do not make an image dense"
 
 
 def test_copies_whose_digests_differ_are_found_by_cosine():
@@ -85,10 +84,10 @@ def test_copies_whose_digests_differ_are_found_by_cosine():
     digests = neighbours.image_digests(image, planes)
     assert digests[5] != digests[-1], "the digest alone misses this copy"
     ids = np.arange(len(image))
-    captions, images, density, copy_seen = neighbours.local_scores(image, text, ids, image, text, ids,
-                                                                   torch.device("cpu"), torch.float32)
-    marks = neighbours.flag(digests, captions, images, density, copy_seen, quantile=0.0)
-    assert set(np.flatnonzero(marks["copy"])) == {5, len(image) - 1}
+    captions, images, copy_seen = neighbours.local_scores(image, text, ids, image, text, ids, torch.device("cpu"),
+                                                          torch.float32)
+    _, copies, _ = neighbours.flag(digests, captions, images, copy_seen, quantile=0.0)
+    assert set(np.flatnonzero(copies)) == {5, len(image) - 1}
 
 
 def test_an_empty_reference_set_flags_only_copies(caplog):
@@ -98,7 +97,7 @@ def test_an_empty_reference_set_flags_only_copies(caplog):
                         image=image.half(), text=text.half(),
                         digests=neighbours.image_digests(image, neighbours.projection(32, "cpu")))
     args = SimpleNamespace(rank=0, world_size=1, distributed=False, device="cpu", safeclip_neighbour_reference=2,
-                           safeclip_score_quantile=0.0, safeclip_density_quantile=0.0)
+                           safeclip_score_quantile=0.0)
     ids[:] = 2**62  # a hash that puts no sample into a reference of 2 out of 40
     assert not neighbours.reference_members(ids, len(ids), 2).any()
     signal = neighbours.second_signal(args, result)
@@ -106,52 +105,20 @@ def test_an_empty_reference_set_flags_only_copies(caplog):
     assert "neighbour reference set is empty" in caplog.text
 
 
-def test_flags_are_copies_and_the_least_consistent_and_densest_quantiles():
+def test_flags_are_copies_and_the_least_consistent_quantile():
     digests = np.array([7, 7, 1, 2, 3, 4, 5, 6, 8, 9], dtype=np.int64)
     agreement = np.linspace(0, 1, 10)
-    density = np.linspace(0.5, 0.9, 10)
     none_seen = np.zeros(10, np.uint8)
-    marks = neighbours.flag(digests, agreement, agreement, density, none_seen, quantile=0.2)
-    assert marks["copy"].tolist() == [True, True] + [False] * 8
-    assert marks["flagged"].tolist() == [True, True, False, False, False, False, False, False, False, False]
-    assert not marks["dense"].any(), "the density mark is off at quantile 0"
-    reverse = agreement[::-1].copy()
-    assert neighbours.flag(digests, reverse, reverse, density, none_seen, quantile=0.2)["flagged"].tolist() == [
-        True, True] + [False] * 6 + [True, True]
+    flagged, copies, consistency = neighbours.flag(digests, agreement, agreement, none_seen, quantile=0.2)
+    assert copies.tolist() == [True, True] + [False] * 8
+    assert flagged.tolist() == [True, True, False, False, False, False, False, False, False, False]
+    flagged, _, _ = neighbours.flag(digests, agreement[::-1].copy(), agreement[::-1].copy(), none_seen, quantile=0.2)
+    assert flagged.tolist() == [True, True] + [False] * 6 + [True, True]
     seen = none_seen.copy()
     seen[5] = 1
-    assert neighbours.flag(digests, agreement, agreement, density, seen, quantile=0.0)["copy"].tolist() == [
+    assert neighbours.flag(digests, agreement, agreement, seen, quantile=0.0)[1].tolist() == [
         True, True, False, False, False, True, False, False, False, False]
-    marks = neighbours.flag(digests, agreement, agreement, density, none_seen, quantile=0.0, density_quantile=0.3)
-    assert marks["dense"].tolist() == [False] * 7 + [True] * 3
-    assert marks["flagged"].tolist() == [True, True] + [False] * 5 + [True] * 3
-    assert marks["consistency"].dtype == np.float32 and marks["density"].dtype == np.float32
-
-
-def test_kth_cosine_skips_invalid_candidates():
-    cosines = torch.tensor([[0.99, 0.9, 0.8, 0.7], [0.99, 0.98, 0.5, 0.4], [0.9, 0.8, 0.7, 0.6]])
-    valid = torch.tensor([[True, True, True, True], [False, False, True, False], [False] * 4])
-    np.testing.assert_allclose(neighbours.kth_cosine(cosines, valid, 2).numpy(), [0.9, 0.5, -1.0])
-
-
-def test_a_learned_trigger_is_dense_where_its_captions_agree():
-    """A backdoor whose trigger the model has learned: images of every class pulled to one point, all
-    captioned with the target class. Their captions agree with their neighbours' (the consistency
-    mark passes them); the density mark flags exactly them."""
-    image, text, labels, centres = clustered_world()
-    rng = np.random.default_rng(3)
-    trigger = unit(rng.normal(size=(1, 32))).numpy()
-    triggered = unit(0.3 * image[:24].numpy() + trigger)  # closer to each other than any class, not copies
-    target_captions = unit(centres[[2] * 24] + 2 * rng.normal(size=32) + 0.05 * rng.normal(size=(24, 32)))
-    image, text = torch.cat([image, triggered]), torch.cat([text, target_captions])
-    ids = np.arange(len(image))
-    scores = neighbours.local_scores(image, text, ids, image, text, ids, torch.device("cpu"), torch.float32)
-    digests = neighbours.image_digests(image, neighbours.projection(32, "cpu"))
-    poisoned = np.arange(len(image)) >= len(image) - 24
-    marks = neighbours.flag(digests, *scores, quantile=0.05)
-    assert not marks["copy"].any() and not (marks["flagged"] & poisoned).any(), "consistency alone misses them"
-    marks = neighbours.flag(digests, *scores, quantile=0.05, density_quantile=24 / len(image))
-    np.testing.assert_array_equal(marks["dense"], poisoned)
+    assert consistency.dtype == np.float32
 
 
 def test_the_split_ranks_flagged_samples_last():
@@ -184,12 +151,11 @@ def test_second_signal_under_a_two_rank_nccl_group_uses_host_collectives(monkeyp
                         image=image.half(), text=text.half(),
                         digests=neighbours.image_digests(image, neighbours.projection(32, "cpu")))
     args = SimpleNamespace(rank=0, world_size=2, distributed=True, device="cpu", safeclip_neighbour_reference=10**6,
-                           safeclip_score_quantile=0.05, safeclip_density_quantile=0.05)
+                           safeclip_score_quantile=0.05)
     signal = neighbours.second_signal(args, result)
     collectives._HOST_GROUPS.clear()
     assert signal["reference"] == 2 * len(ids) and len(signal["flagged"]) == 2 * len(ids)
     assert signal["columns"]["copy"].all(), "the other rank's rows are copies of this rank's"
-    assert signal["columns"]["dense"].sum() == round(0.05 * 2 * len(ids)) and signal["flagged"].all()
     assert all(call[1] == "gloo" for call in fake.calls if call[0] != "new_group")
     assert signal["seconds"] >= 0
 
@@ -199,9 +165,6 @@ def test_second_signal_under_a_two_rank_nccl_group_uses_host_collectives(monkeyp
     (["--safeclip-neighbour-reference", "1"], "--safeclip-neighbour-reference must be at least 2"),
     (["--safeclip-score", "knn"], "invalid choice: 'knn'"),
     (["--safeclip-score", "neighbours", "--safeclip-sim-views", "augmented"], "needs --safeclip-sim-views plain"),
-    (["--safeclip-density-quantile", "0.05"], "--safeclip-density-quantile needs --safeclip-score neighbours"),
-    (["--safeclip-score", "neighbours", "--safeclip-sim-views", "plain", "--safeclip-density-quantile", "-0.1"],
-     "--safeclip-density-quantile must be in [0, 1)"),
 ])
 def test_bad_second_signal_flags(world, capsys, bad, message):
     from open_clip_safe import params
