@@ -220,26 +220,39 @@ def markdown(rows, whole, epochs, hardware, whole_rows=(), data_rows=()):
 
 def data_only(train_data, model, batch_size, workers):
     """Seconds to read every shard raw (tar records, no decode: what a subset stream spends on each
-    sample it skips) and to run the pass's data pipeline (decode, transform, tokenize) without a model."""
+    sample it skips), to run the pass's data pipeline (decode, transform, tokenize) and SafeCLIP's
+    training stream (the authors' image views and EDA captions, as the bench's SafeCLIP runs use)
+    with two views and with one, each without a model: on a machine whose cores also train, this
+    work is not hidden behind the model's."""
     from types import SimpleNamespace
 
     import open_clip
     import webdataset as wds
-    from open_clip_train.data import tarfile_to_samples_nothrow
+    from open_clip_train.data import SharedEpoch, get_wds_dataset, tarfile_to_samples_nothrow
 
-    from open_clip_safe.data import TwoViews, wds_pass_loader
+    from open_clip_safe.augment import EdaAugmenter, image_augment_like
+    from open_clip_safe.data import TwoViews, wds_num_samples, wds_pass_loader, wds_train_loader
 
-    start = time.perf_counter()
-    for _ in wds.DataPipeline(wds.SimpleShardList(train_data), tarfile_to_samples_nothrow):
-        pass
-    raw = time.perf_counter() - start
-    _, _, preprocess = open_clip.create_model_and_transforms(model)
-    views = TwoViews(preprocess, None, open_clip.get_tokenizer(model), 0, preprocess)
-    args = SimpleNamespace(train_data=train_data, workers=workers, world_size=1)
-    start = time.perf_counter()
-    for _ in wds_pass_loader(args, views, 2 * batch_size):
-        pass
-    return [("raw read of every shard", raw), ("the pass's data pipeline", time.perf_counter() - start)]
+    def seconds(stream):
+        start = time.perf_counter()
+        for _ in stream:
+            pass
+        return time.perf_counter() - start
+
+    raw = seconds(wds.DataPipeline(wds.SimpleShardList(train_data), tarfile_to_samples_nothrow))
+    _, train_preprocess, preprocess = open_clip.create_model_and_transforms(model)
+    tokenizer = open_clip.get_tokenizer(model)
+    args = SimpleNamespace(train_data=train_data, workers=workers, world_size=1, batch_size=batch_size, seed=0,
+                           dataset_resampled=False, train_num_samples=None, train_data_upsampling_factors=None)
+    pass_views = TwoViews(preprocess, None, tokenizer, 0, preprocess)
+    train_views = TwoViews(image_augment_like(train_preprocess), EdaAugmenter(), tokenizer, 0)
+    count = wds_num_samples(args)
+    open_clip_stream = get_wds_dataset(args, train_preprocess, is_train=True, tokenizer=tokenizer).dataloader
+    return [("raw read of every shard", raw), ("open_clip's training stream", seconds(open_clip_stream)),
+            ("the pass's data pipeline", seconds(wds_pass_loader(args, pass_views, 2 * batch_size))),
+            *((f"SafeCLIP's training stream, {name}", seconds(wds_train_loader(args, train_views, SharedEpoch(0),
+                                                                              count, both_views=both)))
+              for name, both in (("two views", True), ("one view", False)))]
 
 
 def hardware_name(device):

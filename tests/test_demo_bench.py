@@ -83,7 +83,10 @@ def test_gpu_check_script_at_toy_size_on_cpu_times_every_phase(tmp_path, wordnet
     for row in report["modes"]:
         assert row["over_arithmetic"] == pytest.approx(row["ratio"] / row["arithmetic"])
         assert 1 < row["authors_projected"] < 20 and row["authors_arithmetic"] > 2
-    assert [row["what"] for row in report["data_only"]] == ["raw read of every shard", "the pass's data pipeline"]
+    assert [row["what"] for row in report["data_only"]] == [
+        "raw read of every shard", "open_clip's training stream", "the pass's data pipeline",
+        "SafeCLIP's training stream, two views",
+        "SafeCLIP's training stream, one view"]
     assert all(row["seconds"] > 0 for row in report["data_only"])
 
 
