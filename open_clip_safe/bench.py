@@ -230,6 +230,7 @@ def data_only(train_data, model, batch_size, workers):
     import webdataset as wds
     from open_clip_train.data import SharedEpoch, get_wds_dataset, tarfile_to_samples_nothrow
 
+    from open_clip_safe import register_model_configs
     from open_clip_safe.augment import EdaAugmenter, image_augment_like
     from open_clip_safe.data import TwoViews, wds_num_samples, wds_pass_loader, wds_train_loader
 
@@ -240,6 +241,7 @@ def data_only(train_data, model, batch_size, workers):
         return time.perf_counter() - start
 
     raw = seconds(wds.DataPipeline(wds.SimpleShardList(train_data), tarfile_to_samples_nothrow))
+    register_model_configs()
     _, train_preprocess, preprocess = open_clip.create_model_and_transforms(model)
     tokenizer = open_clip.get_tokenizer(model)
     args = SimpleNamespace(train_data=train_data, workers=workers, world_size=1, batch_size=batch_size, seed=0,

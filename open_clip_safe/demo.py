@@ -151,8 +151,10 @@ def evaluate(config, checkpoint, world_dir, cards, quiet, device="cpu", precisio
     import open_clip
     import torch
 
+    from open_clip_safe import register_model_configs
     from open_clip_safe.evaluate import evaluate_model, world_test_set
 
+    register_model_configs()
     torch.manual_seed(0)
     model, _, preprocess = open_clip.create_model_and_transforms(config.model, pretrained=str(checkpoint),
                                                                  device=device)

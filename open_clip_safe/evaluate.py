@@ -348,6 +348,10 @@ def parse_args(argv):
 def load_model(args):
     import open_clip
 
+    from open_clip_safe import register_model_configs
+
+    register_model_configs()
+
     if args.model not in open_clip.list_models():
         raise EvaluationError(f"--model {args.model}: unknown open_clip model")
     if not os.path.isfile(args.checkpoint) and args.checkpoint not in open_clip.list_pretrained_tags_by_model(args.model):

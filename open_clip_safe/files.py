@@ -9,13 +9,13 @@ import io
 import os
 import shutil
 
-from open_clip_train.data import expand_urls
-
 IMAGE_EXTENSIONS = ("jpg", "png", "jpeg", "webp")  # the image members open_clip's loaders accept
 
 
 def shard_list(spec):
     """Every shard named by an open_clip shard spec (brace patterns, '::'-joined sources)."""
+    from open_clip_train.data import expand_urls  # here: it imports torchvision (seconds) for the data tools
+
     return expand_urls(str(spec))[0]
 
 

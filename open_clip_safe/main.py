@@ -16,12 +16,13 @@ import torch
 import open_clip_train.main as open_clip_main
 from open_clip_train.logger import setup_logging as open_clip_setup_logging
 
-import open_clip_safe  # noqa: F401  (registers the tiny model configs)
+import open_clip_safe
 from open_clip_safe import params, safeclip, state
 from open_clip_safe.augment import WordNetMissing
 from open_clip_safe.cli import UsageError, fail
 from open_clip_safe.files import DiskFull, atomic_torch_save
 
+open_clip_safe.register_model_configs()
 # The module globals of open_clip_train.main that an extension may replace (docs/design.md#seams).
 SEAMS = ("parse_args", "get_data", "create_loss", "train_one_epoch", "evaluate")
 # open_clip's setup_logging sets every logger to INFO, and at exit torch's compiler modules (imported

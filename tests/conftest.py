@@ -8,7 +8,10 @@ import sys
 
 import pytest
 
+from open_clip_safe import register_model_configs
 from open_clip_safe.world import generate_world
+
+register_model_configs()  # the tests build safeclip-micro and safeclip-tiny with open_clip directly
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

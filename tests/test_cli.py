@@ -73,3 +73,19 @@ def test_progress_waits_before_its_first_line(monkeypatch):
         for _ in range(3):
             bar.update()
     assert lines == []
+
+
+def test_the_data_tools_start_without_open_clip():
+    """open_clip's import (torch, torchvision, transformers) takes seconds; the world and attack tools
+    never build a model, so neither they nor the package import it."""
+    import subprocess
+    import sys
+
+    from conftest import REPO, child_env
+
+    probe = ("import sys, open_clip_safe, open_clip_safe.world, open_clip_safe.attacks.__main__; "
+             "print(sorted(name for name in ('open_clip', 'open_clip_train', 'sklearn') if name in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=child_env(), capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

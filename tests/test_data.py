@@ -4,7 +4,6 @@ import open_clip
 import pytest
 import torch
 
-import open_clip_safe  # noqa: F401
 from open_clip_safe.data import SplitLookup, get_safeclip_data, sample_id
 from open_clip_safe.params import parse_args
 from open_clip_safe.world import draw_sample, generate_world

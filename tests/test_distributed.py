@@ -6,7 +6,6 @@ import open_clip
 import pytest
 import torch
 
-import open_clip_safe  # noqa: F401  (registers safeclip-micro)
 from conftest import run_cli
 
 

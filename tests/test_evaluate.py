@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision import transforms
 
-import open_clip_safe  # noqa: F401
 from open_clip_safe.evaluate import main as evaluate_main
 from open_clip_safe.attacks import load_attack_card, target_samples
 from open_clip_safe.evaluate import csv_test_set, evaluate_model

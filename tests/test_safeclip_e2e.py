@@ -8,7 +8,6 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-import open_clip_safe  # noqa: F401
 from conftest import run_cli, run_module
 
 EPOCHS = 5  # 1 in-modal + 1 cross-modal warm-up epoch, then 3 mixed epochs

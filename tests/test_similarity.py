@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import open_clip_safe  # noqa: F401
+from open_clip_safe import register_model_configs
 from open_clip_safe.data import get_safeclip_data
 from open_clip_safe.params import parse_args
 from open_clip_safe.similarity import similarity_pass, write_log
@@ -39,6 +39,7 @@ def run_pass(rank, world_size, port, train_data, logs, extra, results):
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
     args = pass_args(train_data, logs, rank, world_size, extra)
     torch.manual_seed(0)
+    register_model_configs()  # a spawned process: conftest has not run here
     model, _, preprocess = open_clip.create_model_and_transforms("safeclip-micro")
     data = get_safeclip_data(args, preprocess, None, open_clip.get_tokenizer("safeclip-micro"))
     result = similarity_pass(model, data, args, epoch=6)
