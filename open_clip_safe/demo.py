@@ -56,8 +56,10 @@ class DemoConfig:
 # backgrounds (world.py's tiles style), another trigger (a checkerboard patch, top left) and target.
 WORLDS = {"glyphs": DemoConfig(),
           "tiles": DemoConfig(world_style="tiles", target="rocket", patch_kind="checkerboard", patch_location="top-left")}
-QUICK = DemoConfig(num_train=512, num_test=128, epochs=3, batch_size=64, warmup=10, poison_rate=0.04,
-                   num_targets=2, captions_per_target=4, inmodal_epochs=1, crossmodal_epochs=1, crossmodal_warmup=4)
+# A smoke run of every stage: the test model (safeclip-micro) trains several times faster than the demo's
+QUICK = DemoConfig(num_train=512, num_test=128, model="safeclip-micro", epochs=3, batch_size=64, warmup=10,
+                   poison_rate=0.04, num_targets=2, captions_per_target=4, inmodal_epochs=1, crossmodal_epochs=1,
+                   crossmodal_warmup=4)
 
 
 def step(number, text):

@@ -40,6 +40,7 @@ def test_demo_quick_end_to_end(tmp_path):
         assert (out / "logs" / name / "checkpoints" / "epoch_3.pt").is_file()
     trained_with = (out / "logs" / "safeclip" / "params.txt").read_text().splitlines()
     assert "safeclip_cross_aug: False" in trained_with and "safeclip_safe_fraction_step: 0.25" in trained_with
+    assert "model: safeclip-micro" in trained_with
     again = run_module("open_clip_safe.demo", "--quick", "--out", out)
     assert again.returncode == 2 and "--overwrite" in again.stderr
     assert (out / "report" / "results.json").is_file(), "a refused rerun deletes nothing"
