@@ -220,10 +220,10 @@ def markdown(rows, whole, epochs, hardware, whole_rows=(), data_rows=()):
 
 def data_only(train_data, model, batch_size, workers):
     """Seconds to read every shard raw (tar records, no decode: what a subset stream spends on each
-    sample it skips), to run the pass's data pipeline (decode, transform, tokenize) and SafeCLIP's
-    training stream (the authors' image views and EDA captions, as the bench's SafeCLIP runs use)
-    with two views and with one, each without a model: on a machine whose cores also train, this
-    work is not hidden behind the model's."""
+    sample it skips), to run open_clip's training stream, the pass's data pipeline (decode,
+    transform, tokenize) and SafeCLIP's training stream (the authors' image views and EDA captions,
+    as the bench's SafeCLIP runs use) with two views and with one, each without a model: on a
+    machine whose cores also train, this work is not hidden behind the model's."""
     from types import SimpleNamespace
 
     import open_clip
