@@ -75,6 +75,33 @@ def run_module(module, *args, **kwargs):
     return run_cli([sys.executable, "-m", module, *map(str, args)], **kwargs)
 
 
+@pytest.fixture
+def train_in_process(capsys):
+    """`python -m open_clip_safe.main ARGS` called in this process, for runs whose point is not the
+    process (a refusal, --help): each fresh process spends ~10 s importing here. Returns a
+    CompletedProcess; the root logging handlers open_clip's setup adds are closed afterwards."""
+    import logging
+
+    from open_clip_safe import main as training_main
+
+    def call(*args):
+        handlers, level = list(logging.root.handlers), logging.root.level
+        capsys.readouterr()
+        try:
+            status = training_main.main([str(arg) for arg in args])
+        except SystemExit as exit_info:
+            status = exit_info.code
+        finally:
+            for handler in [h for h in logging.root.handlers if h not in handlers]:
+                logging.root.removeHandler(handler)
+                handler.close()
+            logging.root.setLevel(level)
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(["open_clip_safe.main", *map(str, args)], status or 0, out, err)
+
+    return call
+
+
 @pytest.fixture(scope="session")
 def poisoned_world(world, tmp_path_factory):
     """The world's training shards with every 16th image patched and captioned as a banana."""

@@ -67,8 +67,8 @@ def test_parity_with_open_clip_on_csv(world, tmp_path):
 
 
 @pytest.mark.slow
-def test_help_lists_open_clip_flags():
-    result = run_module("open_clip_safe.main", "--help")
+def test_help_lists_open_clip_flags(train_in_process):
+    result = train_in_process("--help")
     assert result.returncode == 0
     for flag in ("--train-data", "--dataset-type", "--local-loss", "--gather-with-grad", "--precision", "--resume"):
         assert flag in result.stdout
@@ -143,12 +143,12 @@ def test_bad_input_exit_status_from_the_cli(world, tmp_path):
 
 
 @pytest.mark.slow
-def test_existing_experiment_is_not_overwritten(world, tmp_path):
+def test_existing_experiment_is_not_overwritten(world, tmp_path, train_in_process):
     args = train_args(world["splits"]["train"]["shards"], tmp_path, "exp", ["--epochs", "1"])
     assert run_module("open_clip_safe.main", *args).returncode == 0
     log_file = tmp_path / "exp" / "out.log"
     before = log_file.read_text()
-    result = run_module("open_clip_safe.main", *args)
+    result = train_in_process(*args)
     assert result.returncode == 2 and "already exists" in result.stderr
     assert log_file.read_text() == before
     resumed = run_module("open_clip_safe.main", *args[:-2], "--name", "exp", "--resume", "latest")

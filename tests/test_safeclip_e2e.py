@@ -153,21 +153,20 @@ def test_resume_latest_skips_a_cut_checkpoint_and_one_without_its_state(poisoned
 
 
 @pytest.mark.slow
-def test_resume_without_safeclip_state_is_refused(poisoned_world, full_run, tmp_path):
+def test_resume_without_safeclip_state_is_refused(poisoned_world, full_run, tmp_path, train_in_process):
     for folder in ("checkpoints", "safeclip_state"):
         (tmp_path / "run" / folder).mkdir(parents=True)
         for epoch in (1, 2):
             shutil.copy(full_run / folder / f"epoch_{epoch}.pt", tmp_path / "run" / folder / f"epoch_{epoch}.pt")
     os.remove(tmp_path / "run" / "safeclip_state" / "epoch_2.pt")
     # a named checkpoint whose state is gone
-    again = run_module("open_clip_safe.main", *safeclip_flags(poisoned_world["shards"], tmp_path, "other"),
-                       "--resume", tmp_path / "run" / "checkpoints" / "epoch_2.pt")
+    again = train_in_process(*safeclip_flags(poisoned_world["shards"], tmp_path, "other"),
+                             "--resume", tmp_path / "run" / "checkpoints" / "epoch_2.pt")
     assert again.returncode == 2 and "safeclip_state/epoch_2.pt is missing" in again.stderr
     assert "Traceback" not in again.stderr
     # --resume latest with no checkpoint that has its state: refused too, not a fresh start over them
     os.remove(tmp_path / "run" / "safeclip_state" / "epoch_1.pt")
-    latest = run_module("open_clip_safe.main", *safeclip_flags(poisoned_world["shards"], tmp_path, "run"),
-                        "--resume", "latest")
+    latest = train_in_process(*safeclip_flags(poisoned_world["shards"], tmp_path, "run"), "--resume", "latest")
     assert latest.returncode == 2 and "Traceback" not in latest.stderr
     assert latest.stderr.strip().splitlines()[-1].startswith(
         "open_clip_safe.main: error: --resume latest: none of the 2 checkpoints")
