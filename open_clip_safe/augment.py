@@ -12,8 +12,12 @@ import re
 import shutil
 import warnings
 
+import torch
 from open_clip.transform import _convert_to_rgb
 from torchvision import transforms
+
+from open_clip_safe.photometric import (AUTHORS_BLUR_SIGMA, AUTHORS_GRAYSCALE_P, AUTHORS_JITTER, AUTHORS_JITTER_P,
+                                        Photometric, gaussian_blur)
 
 # ---------------------------------------------------------------- images
 
@@ -26,31 +30,74 @@ def blur_kernel_size(image_size):
 AUTHORS_CROP_SCALE = 0.08  # torchvision's RandomResizedCrop default, as the authors use it
 
 
-def safeclip_image_augment(image_size, mean, std, crop_scale=AUTHORS_CROP_SCALE):
-    """One augmented view, as the authors' SafeCLIP: SimCLR-style crop, flip, jitter, grey, blur.
+class SeparableGaussianBlur(torch.nn.Module):
+    """torchvision's GaussianBlur(kernel_size, sigma) on a PIL image, as a row and a column pass, then
+    ToTensor: the same kernel and the same draw of sigma from torch's RNG (so a seed gives the same views
+    as before), at 2k instead of k^2 multiplies a pixel (21 x 21 at 224 px cost a worker ~38 ms an image)."""
+
+    def __init__(self, kernel_size, sigma=AUTHORS_BLUR_SIGMA):
+        super().__init__()
+        self.kernel_size, self.sigma = kernel_size, tuple(sigma)
+
+    def forward(self, image):
+        sigma = torch.empty(1).uniform_(self.sigma[0], self.sigma[1])  # as transforms.GaussianBlur.get_params
+        pixels = transforms.functional.pil_to_tensor(image).unsqueeze(0).float().div_(255)
+        return gaussian_blur(pixels, sigma, self.kernel_size)[0]
+
+    def __repr__(self):
+        return f"{type(self).__name__}(kernel_size={self.kernel_size}, sigma={self.sigma})"
+
+
+def safeclip_image_augment(image_size, mean, std, crop_scale=AUTHORS_CROP_SCALE, jitter=AUTHORS_JITTER,
+                           sigma=AUTHORS_BLUR_SIGMA):
+    """One augmented view, as the authors' SafeCLIP: SimCLR-style crop, flip, jitter, grey, blur, all in the
+    data-loader worker (--safeclip-augment-on workers).
 
     `crop_scale` is the smallest crop area: at 32 px an 8% crop (9 px) often misses the object its
     caption names, so small-image runs may raise it (--safeclip-crop-scale).
     """
     return transforms.Compose([
-        _convert_to_rgb,
-        transforms.RandomResizedCrop(image_size, scale=(crop_scale, 1.0)),
-        transforms.RandomHorizontalFlip(),
-        transforms.RandomApply([transforms.ColorJitter(0.5, 0.5, 0.5, 0.1)], p=0.8),
-        transforms.RandomGrayscale(p=0.2),
-        transforms.GaussianBlur(blur_kernel_size(image_size)),
-        transforms.ToTensor(),
+        *worker_half(image_size, crop_scale),
+        transforms.RandomApply([transforms.ColorJitter(*jitter)], p=AUTHORS_JITTER_P),
+        transforms.RandomGrayscale(p=AUTHORS_GRAYSCALE_P),
+        SeparableGaussianBlur(blur_kernel_size(image_size), sigma),
         transforms.Normalize(mean=mean, std=std),
     ])
 
 
-def image_augment_like(preprocess, crop_scale=AUTHORS_CROP_SCALE):
-    """`safeclip_image_augment` with the image size and normalisation of an open_clip preprocess."""
+def worker_half(image_size, crop_scale):
+    """What every SafeCLIP view does in the worker: the geometric part, which needs the full-size image."""
+    return [_convert_to_rgb, transforms.RandomResizedCrop(image_size, scale=(crop_scale, 1.0)),
+            transforms.RandomHorizontalFlip()]
+
+
+def worker_views(image_size, crop_scale=AUTHORS_CROP_SCALE):
+    """The workers' half of a view under --safeclip-augment-on device: crop and flip to a uint8 tensor
+    (a quarter of the bytes of a float one to copy); photometric.Photometric does the rest on the device."""
+    return transforms.Compose([*worker_half(image_size, crop_scale), transforms.PILToTensor()])
+
+
+def preprocess_geometry(preprocess):
+    """(image size, mean, std) of an open_clip preprocess."""
     size = next(t.size for t in preprocess.transforms if isinstance(t, (transforms.RandomResizedCrop,
                                                                          transforms.Resize)))
     normalize = next(t for t in preprocess.transforms if isinstance(t, transforms.Normalize))
-    size = size if isinstance(size, int) else size[0]
-    return safeclip_image_augment(size, normalize.mean, normalize.std, crop_scale)
+    return (size if isinstance(size, int) else size[0]), normalize.mean, normalize.std
+
+
+def image_views_like(preprocess, crop_scale=AUTHORS_CROP_SCALE, on_device=False, jitter=AUTHORS_JITTER,
+                     sigma=AUTHORS_BLUR_SIGMA):
+    """The authors' views at the size and normalisation of an open_clip preprocess, as (the workers'
+    transform, the batch transform on the device or None)."""
+    size, mean, std = preprocess_geometry(preprocess)
+    if on_device:
+        return worker_views(size, crop_scale), Photometric(mean, std, blur_kernel_size(size), jitter, sigma)
+    return safeclip_image_augment(size, mean, std, crop_scale, jitter, sigma), None
+
+
+def image_augment_like(preprocess, crop_scale=AUTHORS_CROP_SCALE):
+    """`safeclip_image_augment` with the image size and normalisation of an open_clip preprocess."""
+    return image_views_like(preprocess, crop_scale)[0]
 
 
 # ---------------------------------------------------------------- WordNet

@@ -94,12 +94,17 @@ class TwoViews:
     time, without holding them in memory.
     """
 
-    def __init__(self, image_augment, caption_augment, tokenizer, seed, pass_image=None):
+    def __init__(self, image_augment, caption_augment, tokenizer, seed, pass_image=None, on_device=None):
         self.image_augment = image_augment
         self.caption_augment = caption_augment
         self.tokenizer = tokenizer
         self.seed = seed
         self.pass_image = pass_image  # None: the pass sees view 1; else this transform and the raw caption
+        self.on_device = on_device  # the views' batch half (photometric.Photometric) under --safeclip-augment-on device
+
+    def finish_pass_images(self, images):
+        """The pass's image batch, on the device, as the model embeds it (view 1 gets its batch half)."""
+        return images if self.pass_image is not None or self.on_device is None else self.on_device(images)
 
     def caption(self, caption, key, view):
         if self.caption_augment is None:
@@ -192,6 +197,11 @@ def pass_after_pass(samples):
                                f"shards; use fewer --workers, or more and smaller shards")
 
 
+def pin_memory(args):
+    """Page-locked batches where they go to a CUDA device: the copy then runs beside the step."""
+    return str(getattr(args, "device", "cpu")).startswith("cuda")
+
+
 def batches_for(count, args):
     """Steps of a stream over `count` samples: whole global batches, CSV and webdataset alike. A
     subset smaller than one global batch gets none (its sub-epoch is skipped, and logged): padding it
@@ -236,8 +246,8 @@ def wds_train_loader(args, views, shared_epoch, num_samples, select=None, both_v
                                wds.map(partial(views.train_tuple, both=both_views)))
     pipeline = wds.DataPipeline(partial(pass_after_pass, samples), wds.batched(args.batch_size, partial=False),
                                 WorkerShare(shares))
-    loader = wds.WebLoader(pipeline, batch_size=None, shuffle=False,
-                           num_workers=len(shares) if args.workers else 0, persistent_workers=False)
+    loader = wds.WebLoader(pipeline, batch_size=None, shuffle=False, num_workers=len(shares) if args.workers else 0,
+                           persistent_workers=False, pin_memory=pin_memory(args))
     loader.num_batches = sum(shares) if batches_for(num_samples, args) else 0
     loader.num_samples = loader.num_batches * args.batch_size * args.world_size
     return loader
@@ -250,7 +260,7 @@ def wds_pass_loader(args, views, batch_size):
         tarfile_to_samples_nothrow, *selected(), *decoded(), wds.map(views.pass_tuple),
         wds.batched(batch_size, partial=True))
     workers = min(args.workers, max(1, len(shard_list(args.train_data)) // args.world_size))
-    return wds.WebLoader(pipeline, batch_size=None, shuffle=False, num_workers=workers)
+    return wds.WebLoader(pipeline, batch_size=None, shuffle=False, num_workers=workers, pin_memory=pin_memory(args))
 
 
 def wds_num_samples(args):
@@ -317,7 +327,7 @@ def csv_train_loader(args, dataset, epoch, indices=None):
     generator = torch.Generator().manual_seed(args.seed * 1000 + epoch)
     loader = DataLoader(subset, batch_size=args.batch_size, shuffle=sampler is None, sampler=sampler,
                         num_workers=args.workers, drop_last=True, worker_init_fn=seed_worker,
-                        generator=generator)
+                        generator=generator, pin_memory=pin_memory(args))
     loader.num_batches = len(loader)
     loader.num_samples = loader.num_batches * args.batch_size * args.world_size
     return loader
@@ -327,7 +337,7 @@ def csv_pass_loader(args, dataset, batch_size):
     """Rows rank, rank + world, ...: each row once, no padding (DistributedSampler would pad)."""
     rows = list(range(args.rank, len(dataset), args.world_size))
     return DataLoader(Subset(dataset, rows), batch_size=batch_size, shuffle=False, num_workers=args.workers,
-                      collate_fn=collate_pass)
+                      collate_fn=collate_pass, pin_memory=pin_memory(args))
 
 
 def collate_pass(batch):
@@ -372,8 +382,8 @@ class SafeclipData(DataInfo):
         return batches_for(count, self.args)
 
 
-def get_safeclip_data(args, image_augment, caption_augment, tokenizer, epoch=0, pass_image=None):
-    views = TwoViews(image_augment, caption_augment, tokenizer, args.seed, pass_image)
+def get_safeclip_data(args, image_augment, caption_augment, tokenizer, epoch=0, pass_image=None, on_device=None):
+    views = TwoViews(image_augment, caption_augment, tokenizer, args.seed, pass_image, on_device)
     kind = dataset_kind(args.train_data, args.dataset_type)
     data = SafeclipData(dataloader=None, shared_epoch=SharedEpoch(epoch), args=args, views=views, kind=kind)
     if kind == "csv":

@@ -17,6 +17,7 @@ import pandas as pd
 from open_clip_train.params import parse_args as parse_open_clip_args
 
 from open_clip_safe.augment import AUTHORS_CROP_SCALE
+from open_clip_safe.photometric import AUTHORS_BLUR_SIGMA, AUTHORS_JITTER
 from open_clip_safe.cli import DefaultsFormatter, UsageError, fail
 from open_clip_safe.files import is_remote, shard_list
 
@@ -217,6 +218,15 @@ def safeclip_parser():
                             "or open_clip's train preprocess (--aug-cfg), the views plain open_clip trains on.")
     group.add_argument("--safeclip-crop-scale", type=float, default=AUTHORS_CROP_SCALE,
                        help=f"Smallest crop area of the image views' RandomResizedCrop (the authors: {AUTHORS_CROP_SCALE}).")
+    group.add_argument("--safeclip-augment-on", choices=("auto", "workers", "device"), default="auto",
+                       help="Where the photometric part of the safeclip views (jitter, grayscale, blur) runs: in the "
+                            "data-loader workers, or on --device for the whole batch after the copy (workers then "
+                            "only decode, crop and flip); auto: device on CUDA, else workers.")
+    group.add_argument("--safeclip-color-jitter", type=float, nargs=4, default=list(AUTHORS_JITTER),
+                       metavar=("BRIGHTNESS", "CONTRAST", "SATURATION", "HUE"),
+                       help="ColorJitter strengths of the safeclip views (applied with p 0.8).")
+    group.add_argument("--safeclip-blur-sigma", type=float, nargs=2, default=list(AUTHORS_BLUR_SIGMA),
+                       metavar=("LOW", "HIGH"), help="Range of the Gaussian blur's sigma of the safeclip views.")
     group.add_argument("--safeclip-sim-views", choices=("augmented", "plain"), default="augmented",
                        help="What the similarity pass embeds: view 1, augmented (the authors), or the image as "
                             "open_clip's eval preprocess gives it with the raw caption (a deterministic score).")
@@ -232,6 +242,42 @@ def check_fraction(value, flag, low_open=True):
     if not (0 < value <= 1 if low_open else 0 <= value <= 1):
         interval = "(0, 1]" if low_open else "[0, 1]"
         raise UsageError(f"{flag} must be in {interval}, got {value}")
+
+
+def check_view_args(args, defaults):
+    """The safeclip views' jitter, blur and where they run: ranges as torchvision's ColorJitter and
+    GaussianBlur take them, and a device that exists."""
+    brightness, contrast, saturation, hue = args.safeclip_color_jitter
+    for name, value in (("brightness", brightness), ("contrast", contrast), ("saturation", saturation)):
+        if value < 0:
+            raise UsageError(f"--safeclip-color-jitter: {name} must be >= 0, got {value}")
+    if not 0 <= hue <= 0.5:
+        raise UsageError(f"--safeclip-color-jitter: hue must be in [0, 0.5], got {hue}")
+    low, high = args.safeclip_blur_sigma
+    if not 0 < low <= high:
+        raise UsageError(f"--safeclip-blur-sigma needs 0 < LOW <= HIGH, got {low} {high}")
+    if args.safeclip_image_aug == "open_clip":
+        changed = [flag for flag, name in (("--safeclip-color-jitter", "safeclip_color_jitter"),
+                                           ("--safeclip-blur-sigma", "safeclip_blur_sigma"))
+                   if getattr(args, name) != getattr(defaults, name)]
+        changed += ["--safeclip-augment-on device"] if args.safeclip_augment_on == "device" else []
+        if changed:
+            raise UsageError(f"{changed[0]} sets the authors' augmentation; --safeclip-image-aug open_clip has none")
+    if args.safeclip_augment_on == "device" and args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError(f"--safeclip-augment-on device: --device {args.device}, but torch sees no CUDA GPU on "
+                             f"this machine; use --safeclip-augment-on workers, or --device cpu")
+
+
+def augment_on_device(args):
+    """Whether the photometric part of the views runs on the training device (--safeclip-augment-on)."""
+    if args.safeclip_image_aug != "safeclip":
+        return False
+    if args.safeclip_augment_on == "auto":
+        return str(args.device).startswith("cuda")
+    return args.safeclip_augment_on == "device"
 
 
 def check_safeclip_args(args, defaults):
@@ -271,6 +317,7 @@ def check_safeclip_args(args, defaults):
     if args.safeclip_image_aug == "open_clip" and args.safeclip_crop_scale != defaults.safeclip_crop_scale:
         raise UsageError("--safeclip-crop-scale sets the authors' augmentation; with --safeclip-image-aug open_clip "
                          "the crop comes from --aug-cfg scale=(lo,hi)")
+    check_view_args(args, defaults)
     if args.safeclip_crossmodal_warmup < 0:
         raise UsageError("--safeclip-crossmodal-warmup must be >= 0")
     if args.safeclip_memory_bank_size < 0:

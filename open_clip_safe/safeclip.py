@@ -6,7 +6,7 @@ from open_clip_train.data import get_data as open_clip_get_data
 from open_clip_train.distributed import is_master
 from open_clip_train.train import train_one_epoch as open_clip_train_one_epoch
 
-from open_clip_safe import augment, data as safeclip_data, state, train as safeclip_train
+from open_clip_safe import augment, data as safeclip_data, params, state, train as safeclip_train
 from open_clip_safe.loss import SafeclipLosses
 from open_clip_safe.schedule import SafeclipSchedule
 
@@ -34,19 +34,24 @@ def get_data(args, preprocess_fns, epoch=0, tokenizer=None):
         data = open_clip_get_data(args, preprocess_fns, epoch=epoch, tokenizer=tokenizer)  # val / imagenet
     finally:
         args.train_data = train_data
+    on_device = None
     if args.safeclip_image_aug == "open_clip":
         image_augment = preprocess_fns[0]
     else:
-        image_augment = augment.image_augment_like(preprocess_fns[0], args.safeclip_crop_scale)
+        image_augment, on_device = augment.image_views_like(
+            preprocess_fns[0], args.safeclip_crop_scale, params.augment_on_device(args), args.safeclip_color_jitter,
+            args.safeclip_blur_sigma)
     caption_augment = augment.EdaAugmenter() if args.safeclip_text_aug == "eda" else None
     if is_master(args):
         if args.aug_cfg and args.safeclip_image_aug == "safeclip":
             logging.warning("--aug-cfg does not change SafeCLIP's image views (the authors' augmentation); "
                             "add --safeclip-image-aug open_clip to train on open_clip's")
-        logging.info(f"SafeCLIP image views ({args.safeclip_image_aug}): {image_augment}; "
+        where = "" if on_device is None else f", then on {args.device} for each batch: {on_device}"
+        logging.info(f"SafeCLIP image views ({args.safeclip_image_aug}): {image_augment}{where}; "
                      f"caption views: {args.safeclip_text_aug}; similarity pass on {args.safeclip_sim_views} views")
     pass_image = preprocess_fns[1] if args.safeclip_sim_views == "plain" else None
-    train = safeclip_data.get_safeclip_data(args, image_augment, caption_augment, tokenizer, epoch, pass_image)
+    train = safeclip_data.get_safeclip_data(args, image_augment, caption_augment, tokenizer, epoch, pass_image,
+                                            on_device)
     train.run = SafeclipRun(args, train)
     if epoch > 0:
         state.load(args, train.run, epoch)

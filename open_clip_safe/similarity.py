@@ -92,7 +92,7 @@ def similarity_pass(model, data, args, epoch):
     batches = progress(data.pass_loader(batch_size), enabled=is_master(args), log=log_lines, total=expected,
                        desc=f"similarity pass (epoch {epoch})", unit="batch")
     for batch_ids, batch_keys, batch_poison, images, texts in batches:
-        images = images.to(device=device, dtype=input_dtype, non_blocking=True)
+        images = data.views.finish_pass_images(images.to(device=device, non_blocking=True)).to(dtype=input_dtype)
         texts = texts.to(device=device, non_blocking=True)
         with autocast():
             image_features = model.encode_image(images, normalize=True)

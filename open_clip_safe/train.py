@@ -66,9 +66,11 @@ def report(args, tb_writer, values, step):
         wandb.log({**values, "step": step}, step=step)
 
 
-def run_steps(model, loader, loss_fn, optimizer, scaler, lr_at, args, epoch, tag, run, tb_writer, scores=None):
+def run_steps(model, loader, loss_fn, optimizer, scaler, lr_at, args, epoch, tag, run, tb_writer, scores=None,
+              finish_images=None):
     """Train on every batch of `loader` with `loss_fn`; `lr_at(i)` gives the i-th step's learning rate.
-    `scores` (fast mode's TrainingScores) records every sample's image-caption cosine."""
+    `scores` (fast mode's TrainingScores) records every sample's image-caption cosine; `finish_images`
+    (TwoViews.on_device) completes the image views on the device."""
     device = torch.device(args.device)
     autocast = get_autocast(args.precision, device_type=device.type)
     input_dtype = get_input_dtype(args.precision)
@@ -81,10 +83,11 @@ def run_steps(model, loader, loss_fn, optimizer, scaler, lr_at, args, epoch, tag
     for i, (ids, image_v1, image_v2, text_v1, text_v2) in enumerate(loader):
         lr = lr_at(i)
         assign_learning_rate(optimizer, lr)
-        images = torch.cat([image_v1, image_v2]) if both_views else image_v1
-        texts = torch.cat([text_v1, text_v2]) if both_views else text_v1
-        images = images.to(device=device, dtype=input_dtype, non_blocking=True)
-        texts = texts.to(device=device, non_blocking=True)
+        images = on_device(device, image_v1, image_v2, both_views)
+        texts = on_device(device, text_v1, text_v2, both_views)
+        if finish_images is not None:
+            images = finish_images(images)
+        images = images.to(dtype=input_dtype)
         data_time.update(time.time() - end)
         optimizer.zero_grad()
         with autocast():
@@ -125,6 +128,12 @@ def run_steps(model, loader, loss_fn, optimizer, scaler, lr_at, args, epoch, tag
     return {name: meter.avg for name, meter in meters.items()}
 
 
+def on_device(device, view_1, view_2, both):
+    """One batch of both views (or view 1) on the device: each copied, then joined there (no host copy)."""
+    view_1 = view_1.to(device=device, non_blocking=True)
+    return torch.cat([view_1, view_2.to(device=device, non_blocking=True)]) if both else view_1
+
+
 def broadcast_split(args, safe, count):
     """Rank 0's safe mask to every rank, as packed bits over the host group (the mixture fit runs once)."""
     if not args.distributed:
@@ -160,7 +169,8 @@ def train_one_epoch(model, data, loss, epoch, optimizer, scaler, scheduler, dist
         run.fresh_loader = False
         steps_before = run.plan.warmup_steps_before(epoch)
         losses = run_steps(model, loader, loss_fn, optimizer, scaler,
-                           lambda i: run.plan.warmup_lr(steps_before + i), args, epoch, phase, run, tb_writer)
+                           lambda i: run.plan.warmup_lr(steps_before + i), args, epoch, phase, run, tb_writer,
+                           finish_images=train.views.on_device)
         report(args, tb_writer, {f"{phase}_epoch_loss": losses.get("loss", float("nan"))}, run.global_step)
     else:
         mixed_epoch(model, train, loss, epoch, optimizer, scaler, args, run, tb_writer)
@@ -226,7 +236,7 @@ def mixed_epoch(model, train, loss, epoch, optimizer, scaler, args, run, tb_writ
         steps_before = run.plan.sub_epoch_steps_before(epoch, tag)
         run_steps(model, loader, loss_fn, optimizer, scaler,
                   lambda i, tag=tag, before=steps_before: run.plan.sub_epoch_lr(tag, before + i),
-                  args, epoch, tag, run, tb_writer, scores)
+                  args, epoch, tag, run, tb_writer, scores, train.views.on_device)
     if scores is not None:
         run.training_scores = scores.collect(args)
 

@@ -32,10 +32,10 @@ def test_image_augment_takes_size_and_normalisation_from_open_clips_preprocess()
     preprocess = open_clip.image_transform(48, is_train=True, mean=(0.1, 0.2, 0.3), std=(0.5, 0.5, 0.5))
     augment_view = image_augment_like(preprocess)
     names = [type(t).__name__ for t in augment_view.transforms]
-    assert names[1:] == ["RandomResizedCrop", "RandomHorizontalFlip", "RandomApply", "RandomGrayscale", "GaussianBlur",
-                         "ToTensor", "Normalize"]
-    crop, jitter, grey, blur, normalize = (augment_view.transforms[i] for i in (1, 3, 4, 5, 7))
-    assert crop.size == (48, 48) and crop.scale == (0.08, 1.0) and blur.kernel_size == (3, 3)
+    assert names[1:] == ["RandomResizedCrop", "RandomHorizontalFlip", "RandomApply", "RandomGrayscale",
+                         "SeparableGaussianBlur", "Normalize"]
+    crop, jitter, grey, blur, normalize = (augment_view.transforms[i] for i in (1, 3, 4, 5, 6))
+    assert crop.size == (48, 48) and crop.scale == (0.08, 1.0) and blur.kernel_size == 3 and blur.sigma == (0.1, 2.0)
     assert image_augment_like(preprocess, crop_scale=0.5).transforms[1].scale == (0.5, 1.0)
     assert jitter.p == 0.8 and isinstance(jitter.transforms[0], transforms.ColorJitter) and grey.p == 0.2
     assert tuple(normalize.mean) == (0.1, 0.2, 0.3) and tuple(normalize.std) == (0.5, 0.5, 0.5)

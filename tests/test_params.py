@@ -49,6 +49,20 @@ def test_help_shows_both_groups(capsys):
     (["--safeclip", "--epochs", "9", "--safeclip-image-aug", "open_clip", "--safeclip-crop-scale", "0.5"],
      "with --safeclip-image-aug open_clip the crop comes from --aug-cfg scale=(lo,hi)"),
     (["--safeclip-image-aug", "open_clip"], "--safeclip-image-aug needs --safeclip"),
+    (["--safeclip", "--epochs", "9", "--safeclip-color-jitter", "0.5", "-0.1", "0.5", "0.1"],
+     "--safeclip-color-jitter: contrast must be >= 0, got -0.1"),
+    (["--safeclip", "--epochs", "9", "--safeclip-color-jitter", "0.5", "0.5", "0.5", "0.6"],
+     "--safeclip-color-jitter: hue must be in [0, 0.5], got 0.6"),
+    (["--safeclip", "--epochs", "9", "--safeclip-color-jitter", "0.5", "0.5"], "expected 4 arguments"),
+    (["--safeclip", "--epochs", "9", "--safeclip-blur-sigma", "0", "2"],
+     "--safeclip-blur-sigma needs 0 < LOW <= HIGH, got 0.0 2.0"),
+    (["--safeclip", "--epochs", "9", "--safeclip-blur-sigma", "2", "1"], "--safeclip-blur-sigma needs 0 < LOW <= HIGH"),
+    (["--safeclip", "--epochs", "9", "--safeclip-augment-on", "gpu"], "invalid choice: 'gpu'"),
+    (["--safeclip", "--epochs", "9", "--safeclip-image-aug", "open_clip", "--safeclip-blur-sigma", "1", "2"],
+     "--safeclip-blur-sigma sets the authors' augmentation; --safeclip-image-aug open_clip has none"),
+    (["--safeclip", "--epochs", "9", "--safeclip-image-aug", "open_clip", "--safeclip-augment-on", "device"],
+     "--safeclip-augment-on device sets the authors' augmentation"),
+    (["--safeclip-augment-on", "device"], "--safeclip-augment-on needs --safeclip"),
 ])
 def test_invalid_safeclip_settings(world, capsys, flags, message):
     with pytest.raises(SystemExit) as exit_info:
@@ -56,3 +70,28 @@ def test_invalid_safeclip_settings(world, capsys, flags, message):
     assert exit_info.value.code == 2
     error = capsys.readouterr().err.strip()
     assert error.count("\n") == 0 and message in error, error
+
+
+def test_device_augmentation_without_that_device_is_one_line(world, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exit_info:
+        parse(world, "--safeclip", "--epochs", "9", "--safeclip-augment-on", "device", "--device", "cuda")
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert error == ("open_clip_safe.main: error: --safeclip-augment-on device: --device cuda, but torch sees no CUDA "
+                     "GPU on this machine; use --safeclip-augment-on workers, or --device cpu")
+
+
+@pytest.mark.parametrize("device, augment_on, image_aug, expected", [
+    ("cuda:0", "auto", "safeclip", True), ("cpu", "auto", "safeclip", False), ("cpu", "device", "safeclip", True),
+    ("cuda", "workers", "safeclip", False), ("cuda", "auto", "open_clip", False)])
+def test_where_the_views_photometric_part_runs(world, monkeypatch, device, augment_on, image_aug, expected):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    args = parse(world, "--safeclip", "--epochs", "9", "--device", device, "--safeclip-image-aug", image_aug,
+                 *(["--safeclip-augment-on", augment_on] if augment_on != "auto" else []))
+    assert params.augment_on_device(args) is expected
+    assert args.safeclip_color_jitter == [0.5, 0.5, 0.5, 0.1] and args.safeclip_blur_sigma == [0.1, 2.0]

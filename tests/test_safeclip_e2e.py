@@ -190,6 +190,23 @@ def test_bf16_autocast_on_cpu_through_a_mixed_epoch(poisoned_world, tmp_path, wo
     assert (tmp_path / "bf16" / "similarity" / "epoch_002.parquet").exists()
 
 
+@pytest.mark.slow
+def test_views_finished_on_the_device_through_a_mixed_epoch(poisoned_world, tmp_path, wordnet, train_in_process):
+    """--safeclip-augment-on device (here the CPU): workers hand uint8 crops, the training steps and the
+    similarity pass finish them with the batch transform; a split follows."""
+    flags = safeclip_flags(poisoned_world["shards"], tmp_path, "device", ["--safeclip-augment-on", "device"])
+    flags[flags.index("--epochs") + 1] = "3"
+    result = train_in_process(*flags)
+    assert result.returncode == 0, result.stderr[-4000:]
+    log = (tmp_path / "device" / "out.log").read_text()
+    assert phases_logged(log) == {0: "inmodal", 1: "crossmodal", 2: "mixed"}
+    assert "PILToTensor()" in log and "then on cpu for each batch: Photometric(jitter=(0.5, 0.5, 0.5, 0.1)" in log
+    losses = [float(x) for x in re.findall(r"Loss: ([0-9.]+) ", log)]
+    assert losses and all(0 < loss < 20 for loss in losses)
+    table = pq.read_table(tmp_path / "device" / "similarity" / "epoch_002.parquet").to_pandas()
+    assert len(table) == poisoned_world["num_samples"] and table["similarity"].between(-1, 1).all()
+
+
 def test_missing_wordnet_is_one_line_exit_2(poisoned_world, tmp_path, monkeypatch, capsys):
     from open_clip_safe import augment, main
 
