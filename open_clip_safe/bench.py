@@ -19,34 +19,66 @@ from open_clip_safe.cli import Parser, add_device_flags, guarded, resolve_precis
 # ---------------------------------------------------------------- inside one timed run
 
 
-class PhaseTimer:
-    """Wall time, samples and peak memory of every timed call, in call order."""
+class CudaPeak:
+    """The device's peak allocation since the last reset, in MiB."""
 
-    def __init__(self, device):
-        self.cuda = device.startswith("cuda")
-        self.records = []
-
-    def peak_memory_mib(self):
+    def __init__(self):
         import torch
 
-        if self.cuda:
-            return torch.cuda.max_memory_allocated() / 2**20
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the process's running peak
+        self.torch = torch
+
+    def sync(self):
+        self.torch.cuda.synchronize()
+
+    def read(self):
+        return self.torch.cuda.max_memory_allocated() / 2**20
+
+    def reset(self):
+        self.torch.cuda.reset_peak_memory_stats()
+
+
+class ProcessPeak:
+    """The process's running peak resident memory in MiB (it cannot be reset)."""
+
+    def sync(self):
+        pass
+
+    def read(self):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    def reset(self):
+        pass
+
+
+class PhaseTimer:
+    """Wall time, samples and peak memory of every timed call, in call order.
+
+    Calls nest (a mixed epoch holds its pass and sub-epochs): each call resets the peak for its own
+    figure, so an enclosing call keeps the largest peak of what it held as its own running maximum."""
+
+    def __init__(self, device, peak=None):
+        self.peak = peak or (CudaPeak() if device.startswith("cuda") else ProcessPeak())
+        self.records = []
+        self.open_peaks = []  # per call in progress, the largest peak seen before its last inner reset
 
     def wrap(self, function, phase_of, samples_of):
         def timed(*args, **kwargs):
-            import torch
-
-            if self.cuda:
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
+            self.peak.sync()
+            if self.open_peaks:
+                self.open_peaks[-1] = max(self.open_peaks[-1], self.peak.read())
+            self.peak.reset()
+            self.open_peaks.append(0.0)
             start = time.perf_counter()
-            result = function(*args, **kwargs)
-            if self.cuda:
-                torch.cuda.synchronize()
-            self.records.append({"phase": phase_of(*args, **kwargs), "seconds": time.perf_counter() - start,
-                                 "samples": samples_of(result, *args, **kwargs),
-                                 "peak_memory_mib": self.peak_memory_mib()})
+            try:
+                result = function(*args, **kwargs)
+                self.peak.sync()
+                seconds = time.perf_counter() - start
+            finally:
+                peak = max(self.open_peaks.pop(), self.peak.read())
+                if self.open_peaks:
+                    self.open_peaks[-1] = max(self.open_peaks[-1], peak)
+            self.records.append({"phase": phase_of(*args, **kwargs), "seconds": seconds,
+                                 "samples": samples_of(result, *args, **kwargs), "peak_memory_mib": peak})
             return result
         return timed
 
@@ -218,7 +250,7 @@ def markdown(rows, whole, epochs, hardware, whole_rows=(), data_rows=()):
     return "\n".join(lines)
 
 
-def data_only(train_data, model, batch_size, workers):
+def data_only(train_data, model, batch_size, workers, text_aug="eda"):
     """Seconds to read every shard raw (tar records, no decode: what a subset stream spends on each
     sample it skips), to run open_clip's training stream, the pass's data pipeline (decode,
     transform, tokenize) and SafeCLIP's training stream (the authors' image views and EDA captions,
@@ -247,7 +279,8 @@ def data_only(train_data, model, batch_size, workers):
     args = SimpleNamespace(train_data=train_data, workers=workers, world_size=1, batch_size=batch_size, seed=0,
                            dataset_resampled=False, train_num_samples=None, train_data_upsampling_factors=None)
     pass_views = TwoViews(preprocess, None, tokenizer, 0, preprocess)
-    train_views = TwoViews(image_augment_like(train_preprocess), EdaAugmenter(), tokenizer, 0)
+    train_views = TwoViews(image_augment_like(train_preprocess), EdaAugmenter() if text_aug == "eda" else None,
+                           tokenizer, 0)
     count = wds_num_samples(args)
     open_clip_stream = get_wds_dataset(args, train_preprocess, is_train=True, tokenizer=tokenizer).dataloader
     return [("raw read of every shard", raw), ("open_clip's training stream", seconds(open_clip_stream)),
@@ -422,10 +455,23 @@ def parse_args(argv):
                         help="--neighbour-scale: the --safeclip-neighbour-reference cap.")
     parser.add_argument("--embed-dim", type=int, default=512,
                         help="--neighbour-scale: embedding width (ViT-B/32 and RN50: 512 and 1024).")
+    parser.add_argument("--text-aug", choices=("eda", "none"), default="eda",
+                        help="SafeCLIP's --safeclip-text-aug (none: where no WordNet is installed).")
+    parser.add_argument("--data-path", action="store_true",
+                        help="Instead of timing training: samples/s per data-loader worker core of open_clip's training "
+                             "view, SafeCLIP's two views (workers' part; device part on --device), EDA and the "
+                             "similarity pass's views, on synthetic 400 x 300 JPEGs at --image-size.")
+    parser.add_argument("--image-size", type=int, default=224, help="--data-path: the views' size in pixels.")
+    parser.add_argument("--data-samples", type=int, default=2000, help="--data-path: synthetic JPEGs to read.")
+    parser.add_argument("--feed-rate", type=float, default=2000,
+                        help="--data-path: the training rate (samples/s a GPU) to size the worker cores for.")
     args = resolve_precision(parser.parse_args(argv))
-    if args.split_memory and args.neighbour_scale:
-        parser.error("--split-memory and --neighbour-scale are separate measurements; give one")
-    for flag in ("split_memory", "neighbour_scale", "neighbour_reference", "embed_dim"):
+    if sum(map(bool, (args.split_memory, args.neighbour_scale, args.data_path))) > 1:
+        parser.error("--split-memory, --neighbour-scale and --data-path are separate measurements; give one")
+    if args.data_path and args.workers < 1:
+        parser.error("--data-path times data-loader workers: --workers must be at least 1")
+    for flag in ("split_memory", "neighbour_scale", "neighbour_reference", "embed_dim", "image_size", "data_samples",
+                 "feed_rate"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
     try:
@@ -443,6 +489,11 @@ def parse_args(argv):
     return args
 
 
+def shards_for(args):
+    """Shards of the generated world: at least 8, and two a worker (main refuses fewer shards than workers)."""
+    return max(8, 2 * args.workers)
+
+
 def run_bench(args):
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -451,8 +502,8 @@ def run_bench(args):
         from open_clip_safe.world import generate_world
 
         world = out / "world"
-        card = generate_world(world, args.num_train, 64, seed=0, shard_size=max(1, args.num_train // 8),
-                              formats=("wds",))
+        card = generate_world(world, args.num_train, 64, seed=0, formats=("wds",),
+                              shard_size=max(1, args.num_train // shards_for(args)))
         train_data = card["splits"]["train"]["shards"]
     fractions = args.fractions
     epochs = 2 + len(fractions)
@@ -463,7 +514,7 @@ def run_bench(args):
     safe_flags = ["--safeclip", "--safeclip-inmodal-epochs", 1, "--safeclip-crossmodal-epochs", 1,
                   "--safeclip-split", "topk", "--safeclip-safe-fraction-start", fractions[0],
                   "--safeclip-safe-fraction-step", args.fraction_step, "--safeclip-safe-fraction-max", fractions[-1],
-                  "--safeclip-score", args.score] + (["--safeclip-sim-views", "plain"] if args.score == "neighbours" else [])
+                  "--safeclip-score", args.score, "--safeclip-text-aug", args.text_aug] + (["--safeclip-sim-views", "plain"] if args.score == "neighbours" else [])
     if args.clip_views == "one":
         safe_flags.append("--safeclip-no-cross-aug")
     print(f"timing {epochs} plain open_clip epochs ({args.model}, batch {args.batch_size}, {args.device})", flush=True)
@@ -486,7 +537,8 @@ def run_bench(args):
         print("timing the data pipeline alone", flush=True)
         plain_epoch = rows[0]["seconds"]
         data_rows = [{"what": what, "seconds": seconds, "ratio": seconds / plain_epoch}
-                     for what, seconds in data_only(train_data, args.model, args.batch_size, args.workers)]
+                     for what, seconds in data_only(train_data, args.model, args.batch_size, args.workers,
+                                                    args.text_aug)]
     table = markdown(rows, whole, epochs, hardware_name(args.device), whole_rows, data_rows)
     (out / "bench.md").write_text(table + "\n")
     (out / "bench.json").write_text(json.dumps({"args": vars(args), "rows": rows, "whole_run": whole,
@@ -520,8 +572,26 @@ def run_neighbour_scale(args):
     return row
 
 
+def run_data_path(args):
+    from open_clip_safe import datapath
+
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"data path at {args.image_size} px: {args.data_samples} synthetic JPEGs, {args.workers} worker(s)",
+          flush=True)
+    rows = datapath.measure(out, args.image_size, args.workers, args.data_samples, args.batch_size, args.device,
+                            text_aug=args.text_aug)
+    text = datapath.table(rows, args.image_size, args.workers, args.feed_rate, hardware_name(args.device))
+    (out / "data_path.md").write_text(text + "\n")
+    (out / "data_path.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
+    print(text)
+    return rows
+
+
 def main(argv=None):
     def run(args):
+        if args.data_path:
+            return run_data_path(args)
         if args.split_memory:
             return run_split_memory(args)
         return run_neighbour_scale(args) if args.neighbour_scale else run_bench(args)

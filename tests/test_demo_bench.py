@@ -2,6 +2,7 @@
 import importlib
 import json
 import os
+import re
 
 import pytest
 
@@ -59,6 +60,13 @@ def test_gpu_check_script_at_toy_size_on_cpu_times_every_phase(tmp_path, wordnet
         assert f"SafeCLIP epoch {epoch}: {phase} phase" in summary
     assert summary.count("similarity pass") >= 2 and "| whole run, 4 epochs |" in summary
     assert "## Second signal (`--neighbour-scale 2000`)" in summary and "| 2,000 | 2,000 | 512 |" in summary
+    assert "captions: EDA (WordNet found)" in summary
+    assert "Data path at 32 px, 1 data-loader worker(s)" in summary
+    data_path = json.loads((out / "data_path" / "data_path.json").read_text())["rows"]
+    assert len(data_path) == 7 and all(row["samples_per_s"] > 0 for row in data_path)
+    params = (out / "logs" / "safeclip" / "params.txt").read_text().splitlines()
+    assert "workers: 1" in params and "safeclip_text_aug: eda" in params
+    assert len(list((out / "world" / "train").glob("*.tar"))) == 2, "two shards a worker, as at GPU size"
     split = json.loads((out / "split.json").read_text())["split_diagnostics"]
     assert [row["epoch"] for row in split] == [2, 3] and split[0]["poisoned"] == 6  # 5% of 128
 
@@ -89,6 +97,75 @@ def test_gpu_check_script_at_toy_size_on_cpu_times_every_phase(tmp_path, wordnet
         "SafeCLIP's training stream, two views",
         "SafeCLIP's training stream, one view"]
     assert all(row["seconds"] > 0 for row in report["data_only"])
+
+
+class FakePeak:
+    """A device peak counter the test drives: allocate() raises the level, free() lowers it."""
+
+    def __init__(self):
+        self.level = self.peak = 0.0
+
+    def allocate(self, mib):
+        self.level += mib
+        self.peak = max(self.peak, self.level)
+
+    def free(self, mib):
+        self.level -= mib
+
+    def sync(self):
+        pass
+
+    def read(self):
+        return self.peak
+
+    def reset(self):
+        self.peak = self.level
+
+
+def test_an_enclosing_phase_keeps_the_peak_of_the_phases_inside_it():
+    """A mixed epoch holds its pass and sub-epochs; each resets the device peak for its own figure, and the
+    mixed epoch's figure must still be the largest of them."""
+    from open_clip_safe import bench
+
+    peak = FakePeak()
+    timer = bench.PhaseTimer("cuda", peak=peak)
+
+    def phase(name, mib):
+        def run():
+            peak.allocate(mib)
+            peak.free(mib)
+        return timer.wrap(run, lambda: name, lambda result: 1)
+
+    def mixed_epoch():
+        phase("similarity pass", 900)()
+        phase("risky", 300)()
+        peak.allocate(50)
+        peak.free(50)
+        phase("safe", 400)()
+
+    timer.wrap(mixed_epoch, lambda: "mixed epoch", lambda result: 1)()
+    phase("inmodal", 100)()
+    peaks = {record["phase"]: record["peak_memory_mib"] for record in timer.records}
+    assert peaks == {"similarity pass": 900, "risky": 300, "safe": 400, "mixed epoch": 900, "inmodal": 100}
+
+
+@pytest.mark.slow
+def test_data_path_table_per_worker_core(tmp_path, wordnet):
+    """bench --data-path at a small size: every stream read through its real loader, per worker core, open_clip's
+    view the reference, and the cores to feed the stated rate."""
+    from open_clip_safe import bench
+
+    assert bench.main(["--data-path", "--image-size", "64", "--data-samples", "96", "--batch-size", "16",
+                       "--workers", "1", "--feed-rate", "1000", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "data_path.json").read_text())["rows"]
+    assert [row["what"].split(",")[0].split(" (")[0] for row in rows] == [
+        "open_clip's training view", "SafeCLIP", "SafeCLIP", "similarity pass", "similarity pass", "EDA", "SafeCLIP"]
+    assert all(row["samples_per_s"] > 0 for row in rows) and rows[-1]["per_core"] is None
+    table = (tmp_path / "data_path.md").read_text()
+    assert "Data path at 64 px, 1 data-loader worker(s)" in table and "| open_clip's training view |" in table
+    assert "| 1.00x |" in table and "worker cores to feed 1,000 samples/s" in table
+    shards = sorted((tmp_path / "jpeg_shards").glob("*.tar"))
+    assert len(shards) == 4 and (tmp_path / "jpeg_shards" / "sizes.json").is_file()
 
 
 def test_arithmetic_of_the_authors_schedule():
@@ -148,6 +225,9 @@ def test_neighbour_scale_times_the_second_signal_against_a_capped_reference(tmp_
 @pytest.mark.parametrize("module, args, message", [
     ("open_clip_safe.bench", ["--split-memory", "10", "--neighbour-scale", "10"], "separate measurements"),
     ("open_clip_safe.bench", ["--neighbour-scale", "0"], "--neighbour-scale must be at least 1"),
+    ("open_clip_safe.bench", ["--data-path", "--split-memory", "10"], "separate measurements"),
+    ("open_clip_safe.bench", ["--data-path", "--workers", "0"], "--workers must be at least 1"),
+    ("open_clip_safe.bench", ["--data-path", "--image-size", "0"], "--image-size must be at least 1"),
     ("open_clip_safe.demo", ["--epochs", "1", "--quick"], "--epochs must leave"),
     ("open_clip_safe.bench", ["--fractions", "0.5,0.2"], "--fractions must be increasing"),
     ("open_clip_safe.bench", ["--num-train", "10"], "--num-train must hold"),
@@ -159,3 +239,20 @@ def test_bad_input_exits_2(module, args, message, tmp_path, capsys):
     assert main([*args, "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_gpu_size_of_gpu_check_gives_every_worker_its_shards():
+    """The GPU size cannot run here; its worker and shard arithmetic can be checked: main refuses fewer
+    shards than workers (the script's benchmark once passed --workers 12 for a world of 8 shards)."""
+    from types import SimpleNamespace
+
+    from open_clip_safe import bench
+
+    script = open(os.path.join(REPO, "scripts", "gpu_check.sh")).read()
+    gpu = script.split("else\n", 1)[1].split("fi\n", 1)[0]
+    settings = dict(re.findall(r"\b([A-Z_]+)=(\d+)\b", gpu))
+    workers, num_train = int(settings["WORKERS"]), int(settings["NUM_TRAIN"])
+    assert "SHARDS=$((2 * WORKERS))" in script and num_train % (2 * workers) == 0
+    assert bench.shards_for(SimpleNamespace(workers=workers)) >= workers
+    limits = [int(x) for x in re.search(r"LIMITS=\(([\d ]+)\)", gpu).group(1).split()]
+    assert sum(limits) < 8 * 60 and len(limits) == script.count('step "${LIMITS[')
