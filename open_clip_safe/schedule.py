@@ -79,6 +79,28 @@ def top_fraction_mask(score, fraction, tiebreak=None):
     return mask
 
 
+# The flag behind each schedule setting a state file records (SafeclipSchedule.config).
+SETTING_FLAGS = {"method": "--safeclip-split", "first_threshold": "--safeclip-first-split-threshold",
+                 "fraction_start": "--safeclip-safe-fraction-start", "fraction_step": "--safeclip-safe-fraction-step",
+                 "fraction_max": "--safeclip-safe-fraction-max", "update_freq": "--safeclip-update-freq",
+                 "auto_share": "--safeclip-safe-fraction-auto-share", "inmodal_epochs": "--safeclip-inmodal-epochs",
+                 "crossmodal_epochs": "--safeclip-crossmodal-epochs", "epochs": "--epochs",
+                 "num_samples": "the training set's sample count (--train-data, --train-num-samples)"}
+
+
+def changed_settings(saved, now):
+    """'FLAG saved X, now Y' for each schedule setting that differs between two configs."""
+    def flat(config):
+        return {**config.get("rule", {}), **{k: v for k, v in config.items() if k != "rule"}}
+
+    def shown(value):
+        return "auto" if value is None else value
+
+    saved, now = flat(saved), flat(now)
+    return [f"{SETTING_FLAGS.get(name, name)} saved {shown(saved.get(name))}, now {shown(now.get(name))}"
+            for name in list(now) + [n for n in saved if n not in now] if saved.get(name) != now.get(name)]
+
+
 @dataclass(frozen=True)
 class SplitRule:
     """How mixed epochs split the data (the --safeclip-split ... --safeclip-update-freq flags).
@@ -358,9 +380,11 @@ class SafeclipSchedule:
                 "last_split_epoch": self.last_split_epoch, "samples_seen": self.samples_seen}
 
     def load_state_dict(self, state):
-        """Continue a run; its schedule settings must be those it was saved with."""
-        if state["config"] != self.config():
-            raise ValueError(f"SafeCLIP schedule settings changed since the state was saved: "
-                             f"saved {state['config']}, now {self.config()}")
+        """Continue a run; its schedule settings must be those it was saved with (the safe fractions and
+        the learning-rate plan of the epochs already trained were drawn from them)."""
+        changed = changed_settings(state["config"], self.config())
+        if changed:
+            raise ValueError(f"SafeCLIP cannot continue a schedule planned with other settings: {'; '.join(changed)}"
+                             f" (resume with the saved values, or start a new run)")
         self.first_fraction, self.fraction = state["first_fraction"], state["fraction"]
         self.last_split_epoch, self.samples_seen, self._plan = state["last_split_epoch"], state["samples_seen"], None

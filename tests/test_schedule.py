@@ -128,7 +128,7 @@ def test_state_round_trips_through_json_and_continues_exactly():
     for epoch in (5, 6):
         np.testing.assert_array_equal(resumed.split(epoch, similarity)[0], run.split(epoch, similarity)[0])
         assert resumed.fraction == run.fraction
-    with pytest.raises(ValueError, match="settings changed"):
+    with pytest.raises(ValueError, match="--epochs saved 12, now 13"):
         make_schedule(epochs=13).load_state_dict(state)
     with pytest.raises(RuntimeError, match="no first split"):
         make_schedule(epochs=12).split(5, similarity)
@@ -267,3 +267,18 @@ def test_a_plan_that_starves_the_clip_loss_is_named_at_the_start(caplog):
     caplog.clear()
     warn_if_the_clip_loss_starves(args, make_schedule("topk", epochs=10, fraction_step=0.2))
     assert caplog.text == ""
+
+
+def test_a_resume_with_other_settings_names_each_changed_flag_in_one_line():
+    saved = make_schedule(epochs=10, fraction_step=None)
+    saved.accept_split(3, np.arange(1000) < 300)
+    longer = make_schedule(epochs=14, fraction_max=0.9)
+    with pytest.raises(ValueError) as refused:
+        longer.load_state_dict(saved.state_dict())
+    assert str(refused.value) == (
+        "SafeCLIP cannot continue a schedule planned with other settings: --safeclip-safe-fraction-step saved auto, "
+        "now 0.01; --safeclip-safe-fraction-max saved 0.85, now 0.9; --epochs saved 10, now 14 (resume with the "
+        "saved values, or start a new run)")
+    same = make_schedule(epochs=10, fraction_step=None)
+    same.load_state_dict(saved.state_dict())
+    assert same.first_fraction == 0.3
