@@ -34,6 +34,13 @@ def host_group(args):
     return _HOST_GROUPS[default]
 
 
+def start_host_group(args):
+    """Make the host group and cross it once at the run's start, on every rank: a gloo network that
+    cannot connect (GLOO_SOCKET_IFNAME, a firewall) then fails in the first minute, not at the first
+    mixed epoch hours in."""
+    barrier(args)
+
+
 def all_gather_counts(args, count):
     """Every rank's count of local rows, in rank order."""
     if not args.distributed:

@@ -14,10 +14,11 @@ import types
 
 import torch
 import open_clip_train.main as open_clip_main
+import open_clip_train.train as open_clip_train_train
 from open_clip_train.logger import setup_logging as open_clip_setup_logging
 
 import open_clip_safe
-from open_clip_safe import params, safeclip, state
+from open_clip_safe import params, safeclip, state, train as safeclip_train
 from open_clip_safe.augment import WordNetMissing
 from open_clip_safe.cli import UsageError, fail
 from open_clip_safe.files import DiskFull, atomic_torch_save
@@ -75,9 +76,11 @@ def main(argv=None):
     """Run open_clip's training main with our seams; returns the process exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
     seams = {name: getattr(safeclip, name) for name in SEAMS if hasattr(safeclip, name)}
+    wandb = open_clip_train_train.wandb and safeclip_train.WandbOnTheRunStep(open_clip_train_train.wandb)
     with replaced(open_clip_main, parse_args=params.parse_args, get_latest_checkpoint=state.latest_checkpoint,
                   setup_logging=setup_logging, torch=TorchWithAtomicSave("torch"), **seams), \
-            replaced(torch.nn.parallel, DistributedDataParallel=DistributedDataParallel):
+            replaced(torch.nn.parallel, DistributedDataParallel=DistributedDataParallel), \
+            replaced(open_clip_train_train, wandb=wandb):
         try:
             result = open_clip_main.main(argv)
         except (UsageError, WordNetMissing) as error:  # found once the run is set up

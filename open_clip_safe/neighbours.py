@@ -17,6 +17,7 @@ embeddings reach every rank over the host group; the search runs on the training
 Rank 0 then flags copies and the --safeclip-score-quantile least consistent samples; the split ranks
 flagged samples last (schedule.SafeclipSchedule.split).
 """
+import contextlib
 import logging
 import time
 
@@ -40,9 +41,24 @@ def projection(dim, device):
     return torch.randn(dim, SIMHASH_BITS, generator=generator).to(device)
 
 
+@contextlib.contextmanager
+def exact_fp32_matmuls():
+    """fp32 matmuls without TF32 inside the block, whatever open_clip set for training (it turns TF32
+    on for CUDA): TF32 keeps 10 mantissa bits, enough to flip a SimHash sign, so a GPU and a CPU run
+    would give one embedding different digests."""
+    saved = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(saved)
+
+
 def image_digests(image_features, planes):
-    """A 64-bit digest of each embedding's 256 SimHash bits: equal for copies of one image."""
-    bits = (image_features.float() @ planes > 0).cpu().numpy()
+    """A 64-bit digest of each embedding's 256 SimHash bits: equal for copies of one image. Taken from
+    the float16 rows the pass keeps, in exact fp32, so that any device gives those rows the same digest."""
+    with exact_fp32_matmuls():
+        bits = (image_features.to(torch.float16).float() @ planes > 0).cpu().numpy()
     words = np.packbits(bits, axis=1).view(np.uint64)  # 4 words of 64 bits
     digest = words[:, 0].copy()
     for column in range(1, words.shape[1]):
@@ -85,19 +101,21 @@ def local_scores(image, text, ids, reference_image, reference_text, reference_id
     """caption_agreement, image_agreement and copy_seen (a reference sample other than itself has a
     copy of its image) of this rank's samples against the reference set."""
     keys_image, keys_text = reference_image.to(device, dtype), reference_text.to(device, dtype)
+    # The copy check in fp32 on every device: in float16 both a cosine of 0.9992 and COPY_COSINE round
+    # to 0.99902, and the copy is missed.
+    keys_exact = keys_image if dtype == torch.float32 else reference_image.to(device, torch.float32)
     reference_ids = torch.as_tensor(reference_ids, device=device)
     captions, images, copies = [], [], []
     for begin in range(0, len(image), QUERY_CHUNK):
-        query_image = image[begin:begin + QUERY_CHUNK].to(device, dtype)
+        query_exact = image[begin:begin + QUERY_CHUNK].to(device, torch.float32)
+        query_image = query_exact.to(dtype)
         query_text = text[begin:begin + QUERY_CHUNK].to(device, dtype)
         query_ids = torch.as_tensor(ids[begin:begin + QUERY_CHUNK], device=device)
         results = []
         for queries, keys, others, k in ((query_image, keys_image, keys_text, IMAGE_NEIGHBOURS),
                                          (query_text, keys_text, keys_image, CAPTION_NEIGHBOURS)):
-            cosines, candidates = top_candidates(queries, keys, k + EXTRA_CANDIDATES)
-            if keys is not keys_image:  # the image search's cosines are already image cosines
-                cosines = (keys_image[candidates] * query_image[:, None, :]).sum(dim=-1)
-            copy = cosines > COPY_COSINE
+            _, candidates = top_candidates(queries, keys, k + EXTRA_CANDIDATES)
+            copy = (keys_exact[candidates] * query_exact[:, None, :]).sum(dim=-1) > COPY_COSINE
             other = reference_ids[candidates] != query_ids[:, None]
             if keys is keys_image:  # its image's nearest neighbours: any copy is among them
                 copies.append((copy & other).any(dim=1).cpu())

@@ -280,6 +280,16 @@ def augment_on_device(args):
     return args.safeclip_augment_on == "device"
 
 
+def has_logit_bias(model):
+    """Whether open_clip's config for `model` gives it a logit_bias parameter. A hub or local-folder
+    model (a "schema:" name) is not looked up: that would reach the network before the run starts."""
+    import open_clip
+
+    if ":" in model:
+        return False
+    return "init_logit_bias" in (open_clip.get_model_config(model) or {})
+
+
 def check_safeclip_args(args, defaults):
     """Reject SafeCLIP settings that cannot run, and SafeCLIP flags given without --safeclip."""
     if not args.safeclip:
@@ -331,6 +341,8 @@ def check_safeclip_args(args, defaults):
         ("--dataset-type synthetic", args.dataset_type == "synthetic"), ("--horovod", args.horovod),
         ("a CoCa model", "coca" in args.model.lower()), ("--train-data-upsampling-factors",
                                                         args.train_data_upsampling_factors is not None),
+        (f"--model {args.model}: a model with a logit bias (SigLIP's loss), which SafeCLIP's losses never "
+         f"train and DDP would wait on", has_logit_bias(args.model)),
     ) if on]
     if unsupported:
         raise UsageError(f"--safeclip does not support {unsupported[0]}")

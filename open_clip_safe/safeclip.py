@@ -6,7 +6,7 @@ from open_clip_train.data import get_data as open_clip_get_data
 from open_clip_train.distributed import is_master
 from open_clip_train.train import train_one_epoch as open_clip_train_one_epoch
 
-from open_clip_safe import augment, data as safeclip_data, params, state, train as safeclip_train
+from open_clip_safe import augment, collectives, data as safeclip_data, params, state, train as safeclip_train
 from open_clip_safe.loss import SafeclipLosses
 from open_clip_safe.schedule import SafeclipSchedule
 
@@ -29,6 +29,7 @@ class SafeclipRun:
 def get_data(args, preprocess_fns, epoch=0, tokenizer=None):
     if not args.safeclip:
         return open_clip_get_data(args, preprocess_fns, epoch=epoch, tokenizer=tokenizer)
+    collectives.start_host_group(args)
     train_data, args.train_data = args.train_data, None
     try:
         data = open_clip_get_data(args, preprocess_fns, epoch=epoch, tokenizer=tokenizer)  # val / imagenet
@@ -53,6 +54,7 @@ def get_data(args, preprocess_fns, epoch=0, tokenizer=None):
     train = safeclip_data.get_safeclip_data(args, image_augment, caption_augment, tokenizer, epoch, pass_image,
                                             on_device)
     train.run = SafeclipRun(args, train)
+    safeclip_train.log_on_the_run_step(train.run)
     if epoch > 0:
         state.load(args, train.run, epoch)
     elif is_master(args):

@@ -16,6 +16,7 @@ from open_clip import get_input_dtype
 from open_clip_train.precision import get_autocast
 from open_clip_train.scheduler import assign_learning_rate
 from open_clip_train.train import AverageMeter, backward, unwrap_model
+import open_clip_train.train as open_clip_train_train
 
 from open_clip_safe import collectives, state
 from open_clip_safe.cli import UsageError
@@ -25,10 +26,38 @@ from open_clip_safe.neighbours import second_signal
 from open_clip_safe.similarity import similarity_pass, write_log
 from open_clip_safe.training_scores import TrainingScores, pair_cosines
 
-try:
-    import wandb
-except ImportError:
-    wandb = None
+
+
+class WandbOnTheRunStep:
+    """wandb as open_clip_train.train sees it during a run of ours (docs/design.md#wandb-steps).
+
+    open_clip's evaluate logs with step=batches-per-epoch x epoch; SafeCLIP's epochs differ in length
+    (the pass, the safe subset), so that step falls behind or ahead of the training rows' step and wandb
+    drops whichever row comes second. In a SafeCLIP run (`run` set) no row passes wandb's own step: each
+    carries the run's global step as "step", the x axis of every train/ and val/ chart. Without one it
+    passes every call through, as plain open_clip logs."""
+
+    def __init__(self, wandb):
+        self.wandb, self.run, self.defined = wandb, None, False
+
+    def log(self, values, step=None, **kwargs):
+        if self.run is None:
+            return self.wandb.log(values, step=step, **kwargs)
+        if not self.defined:
+            self.wandb.define_metric("step")
+            for prefix in ("train/*", "val/*"):
+                self.wandb.define_metric(prefix, step_metric="step")
+            self.defined = True
+        return self.wandb.log({"step": self.run.global_step, **values}, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.wandb, name)
+
+
+def log_on_the_run_step(run):
+    """From here on, open_clip's wandb rows carry `run`'s global step (when main installed the proxy)."""
+    if isinstance(open_clip_train_train.wandb, WandbOnTheRunStep):
+        open_clip_train_train.wandb.run = run
 
 
 def seed_epoch(args, epoch):
@@ -55,15 +84,16 @@ def optimizer_step(model, optimizer, scaler, args):
 
 def report(args, tb_writer, values, step):
     """Scalars to tensorboard / wandb under train/, as open_clip names them; from the master only,
-    where open_clip made the tensorboard writer and called wandb.init."""
+    where open_clip made the tensorboard writer and called wandb.init. wandb is open_clip's (in a run,
+    WandbOnTheRunStep), so these rows and open_clip's evaluation rows share one step."""
     if not is_master(args):
         return
     values = {f"train/{name}": value for name, value in values.items()}
     if tb_writer is not None:
         for name, value in values.items():
             tb_writer.add_scalar(name, value, step)
-    if args.wandb and wandb is not None:
-        wandb.log({**values, "step": step}, step=step)
+    if args.wandb and open_clip_train_train.wandb is not None:
+        open_clip_train_train.wandb.log({**values, "step": step})
 
 
 def run_steps(model, loader, loss_fn, optimizer, scaler, lr_at, args, epoch, tag, run, tb_writer, scores=None,

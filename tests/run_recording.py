@@ -34,6 +34,8 @@ def get_backend(group=None):
 def new_group(*args, **kwargs):
     group = real_new_group(*args, **kwargs)
     groups[id(group)] = kwargs.get("backend") or (args[1] if len(args) > 1 else None)
+    records.append({"op": "new_group", "group": "other", "backend": groups[id(group)], "devices": [],
+                    "caller": caller()})
     return group
 
 

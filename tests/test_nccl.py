@@ -113,6 +113,18 @@ def test_host_collectives_take_a_gloo_group_under_nccl(nccl):
             assert call[1] == "gloo" and set(call[2]) <= {"cpu"}, call
 
 
+def test_the_gloo_group_is_made_and_crossed_when_the_run_starts(nccl, monkeypatch):
+    """Before any data is read: a gloo network that cannot connect fails in the run's first minute."""
+    from open_clip_safe import safeclip
+
+    def first_data(*_, **__):
+        raise KeyboardInterrupt  # the first thing get_data does after the host group
+    monkeypatch.setattr(safeclip, "open_clip_get_data", first_data)
+    with pytest.raises(KeyboardInterrupt):
+        safeclip.get_data(SimpleNamespace(**vars(rank0()), safeclip=True, train_data="x"), (None, None))
+    assert nccl.calls == [("new_group", "gloo"), ("barrier", "gloo", [])]
+
+
 def test_the_backend_open_clip_picks_for_cuda_carries_every_safeclip_collective(nccl, monkeypatch):
     """--device cuda without --dist-backend: open_clip starts NCCL; SafeCLIP's host arrays take gloo."""
     from open_clip_train import distributed
@@ -197,6 +209,9 @@ def test_two_ranks_under_an_nccl_group_with_node_local_logs_and_wandb(poisoned_w
         own = [c for c in calls if c["caller"].startswith("open_clip_safe.") and c["caller"] != "open_clip_safe.loss"]
         assert own and all(c["group"] == "other" and c["backend"] == "gloo" for c in own), own
         assert all(c["devices"] in ([], ["cpu"]) for c in own)
+        assert own[0]["op"] == "new_group", "the gloo group is made before SafeCLIP's first host collective"
+        first_loss = next(i for i, c in enumerate(calls) if c["caller"].endswith(".loss"))
+        assert calls.index(own[0]) < first_loss, "the gloo group is made when the run starts, before training"
         default = [c for c in calls if c["group"] == "default" and c["devices"]]
         assert default and {c["caller"] for c in default} <= {"open_clip.loss", "open_clip_safe.loss",
                                                                "open_clip_train.distributed"}, default

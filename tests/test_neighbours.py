@@ -35,6 +35,55 @@ def test_copies_of_one_image_share_a_digest_and_nothing_else_does():
     np.testing.assert_array_equal(neighbours.image_digests(image, planes), digests[:len(image)])  # fixed planes
 
 
+def near_copy_pair(dim=32, low=0.99905, high=0.99925):
+    """Two float16 unit rows whose exact cosine is just above COPY_COSINE: copies, which a float16 check
+    misses (the cosine rounds to 0.99902, and so does the threshold it is compared with)."""
+    rng = np.random.default_rng(0)
+    for _ in range(1000):
+        a = unit(rng.normal(size=(1, dim)))
+        b = unit(a.numpy() + 0.0077 * rng.normal(size=(1, dim)))  # a cosine near 1 - 32 * 0.0077**2 / 2
+        rows = torch.cat([a, b]).to(torch.float16)
+        cosine = float(rows[0].float() @ rows[1].float())
+        half = rows[:1] @ rows[1:].T
+        if low < cosine < high and not (half > neighbours.COPY_COSINE).any():
+            return rows
+    raise AssertionError("no such pair in 1000 draws")
+
+
+def test_the_copy_check_is_fp32_whatever_the_search_dtype():
+    """On CUDA the neighbour search runs in float16; the copy check must not, or a GPU run misses
+    copies that a CPU run of the same embeddings flags."""
+    image, text, _, _ = clustered_world()
+    pair = near_copy_pair()
+    image = torch.cat([image, pair.float()]).to(torch.float16)
+    text = torch.cat([text, text[:2]]).to(torch.float16)
+    ids = np.arange(len(image))
+    results = [neighbours.local_scores(image, text, ids, image, text, ids, torch.device("cpu"), dtype)
+               for dtype in (torch.float32, torch.float16)]
+    assert set(np.flatnonzero(results[0][2])) == {len(image) - 2, len(image) - 1}
+    np.testing.assert_array_equal(results[1][2], results[0][2])
+
+
+def test_digests_are_exact_fp32_of_the_kept_rows_and_restore_the_run_precision():
+    image, _, _, _ = clustered_world()
+    planes = neighbours.projection(image.shape[1], "cpu")
+    saved = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")  # what open_clip's TF32 setting reads as
+    try:
+        inside = []
+        with neighbours.exact_fp32_matmuls():
+            inside.append(torch.get_float32_matmul_precision())
+        with pytest.raises(KeyboardInterrupt), neighbours.exact_fp32_matmuls():
+            raise KeyboardInterrupt
+        assert inside == ["highest"] and torch.get_float32_matmul_precision() == "high"
+        digests = neighbours.image_digests(image, planes)
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(saved)
+    np.testing.assert_array_equal(digests, neighbours.image_digests(image.to(torch.float16), planes))
+    np.testing.assert_array_equal(digests, neighbours.image_digests(image.to(torch.float16).double().float(), planes))
+
+
 def test_reference_set_is_everything_up_to_its_size_then_a_fixed_subset():
     ids = np.random.default_rng(0).integers(0, 2**63 - 1, 20_000)
     assert neighbours.reference_members(ids, 20_000, 20_000).all()

@@ -41,6 +41,8 @@ def test_help_shows_both_groups(capsys):
      "--safeclip-safe-fraction-step must be in [0, 1]"),
     (["--safeclip", "--epochs", "9", "--accum-freq", "2"], "--safeclip does not support --accum-freq > 1"),
     (["--safeclip", "--epochs", "9", "--siglip"], "--safeclip does not support --siglip"),
+    (["--safeclip", "--epochs", "9", "--model", "ViT-B-16-SigLIP"],
+     "--safeclip does not support --model ViT-B-16-SigLIP: a model with a logit bias"),
     (["--safeclip", "--epochs", "9", "--safeclip-update-freq", "0"], "--safeclip-update-freq must be >= 1"),
     (["--safeclip", "--epochs", "9", "--safeclip-memory-bank-size", "-1"], "must be >= 0"),
     (["--safeclip", "--epochs", "9", "--safeclip-crossmodal-warmup", "-5"], "--safeclip-crossmodal-warmup must be >= 0"),
@@ -95,3 +97,9 @@ def test_where_the_views_photometric_part_runs(world, monkeypatch, device, augme
                  *(["--safeclip-augment-on", augment_on] if augment_on != "auto" else []))
     assert params.augment_on_device(args) is expected
     assert args.safeclip_color_jitter == [0.5, 0.5, 0.5, 0.1] and args.safeclip_blur_sigma == [0.1, 2.0]
+
+
+def test_logit_bias_is_read_from_open_clip_configs_without_the_network():
+    assert params.has_logit_bias("ViT-B-16-SigLIP") and params.has_logit_bias("ViT-B-16-SigLIP2")
+    assert not params.has_logit_bias("RN50") and not params.has_logit_bias("safeclip-micro")
+    assert not params.has_logit_bias("hf-hub:timm/ViT-B-16-SigLIP"), "hub models are not fetched at parse time"

@@ -207,6 +207,51 @@ def test_views_finished_on_the_device_through_a_mixed_epoch(poisoned_world, tmp_
     assert len(table) == poisoned_world["num_samples"] and table["similarity"].between(-1, 1).all()
 
 
+@pytest.fixture
+def fake_wandb(tmp_path, monkeypatch):
+    """tests/fakes/wandb as open_clip's main and train modules see it; its calls in the returned list."""
+    import json
+    import sys
+
+    import open_clip_train.main
+    import open_clip_train.train
+
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(__file__), "fakes"))
+    monkeypatch.delitem(sys.modules, "wandb", raising=False)
+    import wandb
+
+    wandb.reset()
+    monkeypatch.setattr(open_clip_train.main, "wandb", wandb)
+    monkeypatch.setattr(open_clip_train.train, "wandb", wandb)
+    monkeypatch.setenv("FAKE_WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("RANK", "0")
+    yield lambda: [json.loads(line) for line in (tmp_path / "rank0.jsonl").read_text().splitlines()]
+    monkeypatch.delitem(sys.modules, "wandb")
+
+
+@pytest.mark.slow
+def test_wandb_keeps_every_training_and_evaluation_row(poisoned_world, world, tmp_path, fake_wandb,
+                                                       train_in_process):
+    """open_clip's evaluate steps by batches-per-epoch x epoch, SafeCLIP's epochs are longer or shorter:
+    every row carries the run's global step as "step" (the charts' x axis) and none is dropped."""
+    flags = safeclip_flags(poisoned_world["shards"], tmp_path, "wandb", ["--report-to", "wandb", "--val-data",
+                                                                         world["splits"]["test"]["csv"]])
+    result = train_in_process(*flags)
+    assert result.returncode == 0, result.stderr[-4000:]
+    calls = fake_wandb()
+    rows = [call for call in calls if call["call"] == "log"]
+    assert rows and not [row for row in rows if row["dropped"]], "wandb dropped a row"
+    assert {(c["name"], c["step_metric"]) for c in calls if c["call"] == "define_metric"} == {
+        ("step", None), ("train/*", "step"), ("val/*", "step")}
+    steps = [row["values"]["step"] for row in rows]
+    assert steps == sorted(steps), "the x axis goes forward"
+    evaluations = [row for row in rows if "val/clip_val_loss" in row["keys"]]
+    assert [row["values"]["epoch"] for row in evaluations] == list(range(1, EPOCHS + 1))
+    for evaluation in evaluations:  # at the step of the epoch's last training row
+        before = [row for row in rows[:rows.index(evaluation)] if "train/lr" in row["keys"]]
+        assert evaluation["values"]["step"] == before[-1]["values"]["step"]
+
+
 def test_missing_wordnet_is_one_line_exit_2(poisoned_world, tmp_path, monkeypatch, capsys):
     from open_clip_safe import augment, main
 

@@ -40,6 +40,33 @@ TRAIN_ARGS=(
 # shellcheck disable=SC2206  # word splitting of SAFECLIP_ARGS is intended
 TRAIN_ARGS+=(${SAFECLIP_ARGS:-} "$@")
 
+# SafeCLIP's host collectives run on a gloo group beside NCCL (docs/cluster.md#networks). gloo takes
+# its interface from GLOO_SOCKET_IFNAME (exact names, comma-separated) or else from the hostname, which on
+# many clusters resolves to a network the nodes cannot reach each other on: given only NCCL's setting,
+# gloo gets the same interfaces. NCCL's prefixes ("ib" for ib0, ib1) become this node's matching names.
+gloo_interfaces() {
+    local item items names=() found
+    IFS=, read -ra items <<< "${1#=}"
+    for item in "${items[@]}"; do
+        if [ -e "/sys/class/net/$item" ] || [ "${1:0:1}" = "=" ]; then
+            names+=("$item")
+        else
+            found=$(cd /sys/class/net 2>/dev/null && ls -d "$item"* 2>/dev/null | paste -sd, -) || true
+            names+=("${found:-$item}")
+        fi
+    done
+    (IFS=,; echo "${names[*]}")
+}
+if [ -n "${NCCL_SOCKET_IFNAME:-}" ] && [ -z "${GLOO_SOCKET_IFNAME:-}" ]; then
+    if [ "${NCCL_SOCKET_IFNAME:0:1}" = "^" ]; then
+        echo "note: NCCL_SOCKET_IFNAME=$NCCL_SOCKET_IFNAME excludes interfaces, which gloo cannot; set" \
+             "GLOO_SOCKET_IFNAME to the interface the nodes reach each other on" >&2
+    else
+        GLOO_SOCKET_IFNAME=$(gloo_interfaces "$NCCL_SOCKET_IFNAME")
+        export GLOO_SOCKET_IFNAME
+    fi
+fi
+
 launch() {
     if [ -n "${DRY_RUN:-}" ]; then
         printf '%q ' "$@"

@@ -1,9 +1,17 @@
-"""A stand-in for wandb that fails as the real one does when a process logs before wandb.init, and
-records each process's calls to $FAKE_WANDB_DIR/rank{RANK}.jsonl (tests put this folder on PYTHONPATH)."""
+"""A stand-in for wandb that fails as the real one does when a process logs before wandb.init, drops a
+row whose explicit step is below the run's current step (real wandb warns "step must be monotonically
+increasing" and drops it), and records each process's calls to $FAKE_WANDB_DIR/rank{RANK}.jsonl
+(tests put this folder on PYTHONPATH, or import it and reset())."""
 import json
 import os
 
 _started = False
+_step = -1  # the step of the last row written
+
+
+def reset():
+    global _started, _step
+    _started, _step = False, -1
 
 
 def _record(call, **fields):
@@ -19,10 +27,19 @@ def init(*args, **kwargs):
     _record("init", name=kwargs.get("name"))
 
 
-def log(values, step=None, **kwargs):
-    _record("log", keys=sorted(values), step=step)
+def define_metric(name, step_metric=None, **kwargs):
+    _record("define_metric", name=name, step_metric=step_metric)
+
+
+def log(values, step=None, commit=None, **kwargs):
+    global _step
     if not _started:
         raise RuntimeError("You must call wandb.init() before wandb.log()")
+    dropped = step is not None and step < _step
+    if not dropped:
+        _step = _step + 1 if step is None else step
+    _record("log", keys=sorted(values), step=step, wandb_step=None if dropped else _step, dropped=dropped,
+            values={key: value for key, value in values.items() if isinstance(value, (int, float))})
 
 
 def save(*args, **kwargs):
