@@ -1,7 +1,7 @@
 """The photometric half of the authors' image views, on the training device, a whole batch at once.
 
-At 224 px a data-loader worker spends ~38 ms an image on torchvision's 21 x 21 Gaussian blur and ~2.6 ms
-on a colour jitter with hue, against ~2.4 ms for open_clip's whole training view, so a GPU starves
+At 224 px torchvision's 21 x 21 Gaussian blur and a colour jitter with hue, one image at a time on a
+data-loader worker's core, cost many times open_clip's whole training view, and the GPU starves
 (docs/design.md#image-views-on-the-device). With `--safeclip-augment-on device` the workers only decode,
 crop and flip (uint8 tensors, a quarter of the bytes to copy), and this module applies the rest after
 the copy: colour jitter (p 0.8, its four operations in a random order per sample, as torchvision's
