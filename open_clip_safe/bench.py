@@ -514,7 +514,8 @@ def run_bench(args):
     safe_flags = ["--safeclip", "--safeclip-inmodal-epochs", 1, "--safeclip-crossmodal-epochs", 1,
                   "--safeclip-split", "topk", "--safeclip-safe-fraction-start", fractions[0],
                   "--safeclip-safe-fraction-step", args.fraction_step, "--safeclip-safe-fraction-max", fractions[-1],
-                  "--safeclip-score", args.score, "--safeclip-text-aug", args.text_aug] + (["--safeclip-sim-views", "plain"] if args.score == "neighbours" else [])
+                  "--safeclip-score", args.score, "--safeclip-text-aug", args.text_aug,
+                  "--safeclip-sim-views", "plain" if args.score == "neighbours" else "augmented"]
     if args.clip_views == "one":
         safe_flags.append("--safeclip-no-cross-aug")
     print(f"timing {epochs} plain open_clip epochs ({args.model}, batch {args.batch_size}, {args.device})", flush=True)

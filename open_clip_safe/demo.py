@@ -47,9 +47,10 @@ class DemoConfig:
     text_aug: str = "none"
     cross_aug: bool = False  # raw captions make both caption views equal: crosswise only doubles every forward
     safe_fraction_step: float = 0.25  # cap 85% at the 5th mixed epoch; slower growth costs accuracy (docs/demo.md)
-    score: str = "mixture"  # --safeclip-score
+    score: str = "neighbours"  # --safeclip-score: the second signal, as main's measured preset
     adaptive: bool = False  # both attacks with --adaptive-captions
     fast: bool = False  # --safeclip-fast
+    small_run: bool = True  # False: SafeCLIP with main's defaults, only --safeclip (the fields above unused)
 
 
 # The second world, to check that settings tuned on the first transfer: other classes, shapes and
@@ -113,7 +114,9 @@ def training_command(config, train_data, logs, name, seed, safeclip, device="cpu
                "--workers", config.workers, "--lr", config.lr, "--warmup", config.warmup, "--wd", 0.1,
                "--seed", seed, "--logs", logs, "--name", name, "--save-frequency", config.epochs, "--log-every-n-steps",
                10_000]
-    if safeclip:
+    if safeclip and not config.small_run:
+        command += ["--safeclip"]
+    elif safeclip:
         command += ["--safeclip", "--safeclip-inmodal-epochs", config.inmodal_epochs,
                     "--safeclip-crossmodal-epochs", config.crossmodal_epochs,
                     "--safeclip-filter-lr", config.filter_lr, "--safeclip-inmodal-lr", config.inmodal_lr,
@@ -195,6 +198,24 @@ def summary_row(method, result, wall, poisoned_total, diagnostics=None):
     return row
 
 
+def provenance():
+    """The commit the package runs from (with "+changes" when its tree has uncommitted ones) and the date,
+    for the report: README's table names them. None outside a git checkout."""
+    folder = Path(__file__).parent
+
+    def git(*argv):
+        try:
+            done = subprocess.run(["git", "-C", folder, *argv], capture_output=True, text=True, timeout=30)
+        except OSError:
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "--short=7", "HEAD")
+    if commit and git("status", "--porcelain", "--untracked-files=no", "--", "."):
+        commit += "+changes"
+    return {"commit": commit, "date": time.strftime("%Y-%m-%d")}
+
+
 def run_demo(out, config, seed, quiet=False, device="cpu", precision="fp32"):
     from open_clip_safe import diagnostics
     from open_clip_safe.world import generate_world
@@ -238,7 +259,7 @@ def run_demo(out, config, seed, quiet=False, device="cpu", precision="fp32"):
     rows = [summary_row("CLIP", results["clip"], walls["clip"], poisoned_total),
             summary_row("SafeCLIP", results["safeclip"], walls["safeclip"], poisoned_total, split_rows)]
     table = markdown_table(rows)
-    summary = {"seed": seed, "config": asdict(config), "rows": rows, "evaluation": results,
+    summary = {"seed": seed, **provenance(), "config": asdict(config), "rows": rows, "evaluation": results,
                "split_diagnostics": split_rows, "plots": plots, "attack_cards": [str(backdoor), str(both)],
                "total_seconds": time.time() - started}
     (report / "results.json").write_text(json.dumps(summary, indent=2))
@@ -265,9 +286,14 @@ def parse_args(argv):
                         help="An adaptive attacker: poisoned captions keep describing their images and add the "
                              "target (the attack tool's --adaptive-captions).")
     parser.add_argument("--score", choices=("mixture", "neighbours"),
-                        help=f"SafeCLIP's --safeclip-score (default: {DemoConfig.score}).")
+                        help=f"SafeCLIP's --safeclip-score (default: {DemoConfig.score}; mixture with --fast).")
     parser.add_argument("--fast", action="store_true",
-                        help="SafeCLIP's --safeclip-fast: splits after the first from the training steps' cosines.")
+                        help="SafeCLIP's --safeclip-fast: splits after the first from the training steps' cosines "
+                             "(the mixture's score: the second signal needs a pass every mixed epoch).")
+    parser.add_argument("--main-defaults", action="store_true",
+                        help="Train SafeCLIP with open_clip_safe.main's defaults (--safeclip alone: the authors' "
+                             "warm-up, views and EDA captions, the measured preset) instead of the demo's small-run "
+                             "settings; plain CLIP is unchanged.")
     add_device_flags(parser)
     args = resolve_precision(parser.parse_args(argv))
     world = WORLDS[args.world]
@@ -275,9 +301,19 @@ def parse_args(argv):
     if args.quick:
         config = replace(QUICK, world_style=world.world_style, target=world.target, patch_kind=world.patch_kind,
                          patch_location=world.patch_location)
-    config = replace(config, adaptive=args.adaptive, score=args.score or config.score, fast=args.fast)
+    config = replace(config, adaptive=args.adaptive, score=args.score or ("mixture" if args.fast else config.score),
+                     fast=args.fast)
     if config.fast and config.score == "neighbours":
         parser.error("--fast cannot take --score neighbours (the second signal needs a similarity pass)")
+    if args.main_defaults:
+        given = [flag for flag, on in (("--score", args.score), ("--fast", args.fast), ("--quick", args.quick)) if on]
+        if given:
+            parser.error(f"--main-defaults trains SafeCLIP with main's defaults; it cannot take {given[0]}")
+        from open_clip_safe.params import safeclip_parser
+
+        defaults = safeclip_parser().parse_args([])
+        config = replace(config, small_run=False, inmodal_epochs=defaults.safeclip_inmodal_epochs,
+                         crossmodal_epochs=defaults.safeclip_crossmodal_epochs)
     if args.epochs is not None:
         if args.epochs < config.inmodal_epochs + config.crossmodal_epochs + 1:
             parser.error(f"--epochs must leave at least one mixed SafeCLIP epoch after "

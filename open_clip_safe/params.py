@@ -166,12 +166,63 @@ def fraction_step(value):
         raise argparse.ArgumentTypeError(f"expected a number or auto, got {value!r}") from None
 
 
+# The flags a preset sets when they are not given (docs/design.md#presets). measured: the second signal,
+# with the plain similarity views it needs, and a safe fraction that reaches its cap halfway through the
+# mixed epochs, whatever the run's length; authors: the SafeCLIP authors' values.
+PRESETS = {
+    "measured": {"safeclip_score": "neighbours", "safeclip_sim_views": "plain", "safeclip_safe_fraction_step": None},
+    "authors": {"safeclip_score": "mixture", "safeclip_sim_views": "augmented", "safeclip_safe_fraction_step": 0.01},
+}
+
+
+def shown(value):
+    """A flag's value as the command line spells it."""
+    return "auto" if value is None else value
+
+
+def flag_of(name):
+    return "--" + name.replace("_", "-")
+
+
+def preset_defaults(name):
+    """The help's defaults of a flag a preset sets: one per preset."""
+    return " (default: " + "; ".join(f"{preset} {shown(values[name])}" for preset, values in PRESETS.items()) + ")"
+
+
+def apply_preset(args, given):
+    """Fill the flags the preset sets and the user did not give; returns the one line that says which
+    given flags differ from the preset, or None. The preset's score follows what the given flags allow:
+    the second signal needs a pass on plain views every mixed epoch, so augmented views or fast mode
+    given explicitly take the mixture."""
+    preset = dict(PRESETS[args.safeclip_preset])
+    if "safeclip_score" not in given and (given.get("safeclip_sim_views") == "augmented" or args.safeclip_fast):
+        preset["safeclip_score"] = "mixture"
+    if "safeclip_sim_views" not in given and given.get("safeclip_score") == "neighbours":
+        preset["safeclip_sim_views"] = "plain"
+    for name, value in preset.items():
+        setattr(args, name, given.get(name, value))
+    changed = [f"{flag_of(name)} {shown(given[name])} (preset: {shown(value)})"
+               for name, value in PRESETS[args.safeclip_preset].items() if name in given and given[name] != value]
+    adapted = [f"{flag_of(name)} {shown(value)}" for name, value in preset.items()
+               if name not in given and value != PRESETS[args.safeclip_preset][name]]
+    if not (changed or adapted):
+        return None
+    line = f"SafeCLIP preset {args.safeclip_preset}:"
+    line += f" given flags win: {', '.join(changed)}" if changed else ""
+    line += f"{';' if changed else ''} so {', '.join(adapted)}" if adapted else ""
+    return line
+
+
 def safeclip_parser():
     parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False, usage=argparse.SUPPRESS,
                                      formatter_class=DefaultsFormatter)
     group = parser.add_argument_group("SafeCLIP (Yang et al., ICML 2024); all need --safeclip")
     group.add_argument("--safeclip", action="store_true",
                        help="Train with SafeCLIP: in-modal and cross-modal warm-up, then per-epoch safe/risky split.")
+    group.add_argument("--safeclip-preset", choices=tuple(PRESETS), default="measured",
+                       help=f"Defaults of {', '.join(map(flag_of, PRESETS['measured']))} (a flag given wins): "
+                            "measured, the configuration that defended best in this project's measurements "
+                            "(docs/defense.md); authors, the SafeCLIP authors' values.")
     group.add_argument("--safeclip-inmodal-epochs", type=int, default=5,
                        help="In-modal (image-image, text-text) warm-up epochs.")
     group.add_argument("--safeclip-crossmodal-epochs", type=int, default=1,
@@ -191,19 +242,21 @@ def safeclip_parser():
                        help="gmm: clean probability a sample needs to be safe at the first mixed epoch.")
     group.add_argument("--safeclip-safe-fraction-start", type=float, default=0.15,
                        help="topk: safe fraction at the first mixed epoch.")
-    group.add_argument("--safeclip-safe-fraction-step", type=fraction_step, default=0.01,
+    group.add_argument("--safeclip-safe-fraction-step", type=fraction_step, default=argparse.SUPPRESS,
                        help="Growth of the safe fraction per update, or auto: the step that reaches "
-                            "--safeclip-safe-fraction-max after --safeclip-safe-fraction-auto-share of the mixed epochs.")
+                            "--safeclip-safe-fraction-max after --safeclip-safe-fraction-auto-share of the mixed "
+                            "epochs" + preset_defaults("safeclip_safe_fraction_step"))
     group.add_argument("--safeclip-safe-fraction-auto-share", type=float, default=0.5,
                        help="With --safeclip-safe-fraction-step auto: the share of the mixed epochs after which the "
                             "safe fraction reaches its cap.")
     group.add_argument("--safeclip-safe-fraction-max", type=float, default=0.85, help="Cap of the safe fraction.")
     group.add_argument("--safeclip-update-freq", type=int, default=1,
                        help="Grow the safe fraction every this many mixed epochs.")
-    group.add_argument("--safeclip-score", choices=("mixture", "neighbours"), default="mixture",
+    group.add_argument("--safeclip-score", choices=("mixture", "neighbours"), default=argparse.SUPPRESS,
                        help="What ranks the samples at each split: the mixture's clean probability (the authors), or "
                             "neighbours: that, with samples a second signal from the pass's embeddings flags ranked "
-                            "last (copies of one image; captions unlike those of the image's nearest neighbours).")
+                            "last (copies of one image; captions unlike those of the image's nearest neighbours)"
+                            + preset_defaults("safeclip_score"))
     group.add_argument("--safeclip-score-quantile", type=float, default=0.05,
                        help="neighbours: the share of samples, those least consistent with their neighbours, flagged.")
     group.add_argument("--safeclip-neighbour-reference", type=int, default=1_000_000,
@@ -227,9 +280,10 @@ def safeclip_parser():
                        help="ColorJitter strengths of the safeclip views (applied with p 0.8).")
     group.add_argument("--safeclip-blur-sigma", type=float, nargs=2, default=list(AUTHORS_BLUR_SIGMA),
                        metavar=("LOW", "HIGH"), help="Range of the Gaussian blur's sigma of the safeclip views.")
-    group.add_argument("--safeclip-sim-views", choices=("augmented", "plain"), default="augmented",
+    group.add_argument("--safeclip-sim-views", choices=("augmented", "plain"), default=argparse.SUPPRESS,
                        help="What the similarity pass embeds: view 1, augmented (the authors), or the image as "
-                            "open_clip's eval preprocess gives it with the raw caption (a deterministic score).")
+                            "open_clip's eval preprocess gives it with the raw caption (a deterministic score)"
+                            + preset_defaults("safeclip_sim_views"))
     group.add_argument("--safeclip-fast", action="store_true",
                        help="Split mixed epochs after the first by the image-caption cosines the training steps "
                             "compute (mean of the two views) instead of a separate similarity pass.")
@@ -292,11 +346,17 @@ def has_logit_bias(model):
 
 def check_safeclip_args(args, defaults):
     """Reject SafeCLIP settings that cannot run, and SafeCLIP flags given without --safeclip."""
+    given = {name: getattr(args, name) for name in PRESETS["measured"] if hasattr(args, name)}
     if not args.safeclip:
-        changed = [name for name, value in vars(defaults).items() if getattr(args, name) != value]
+        changed = [name for name, value in vars(defaults).items() if getattr(args, name) != value] + list(given)
         if changed:
-            raise UsageError(f"--{changed[0].replace('_', '-')} needs --safeclip")
+            raise UsageError(f"{flag_of(changed[0])} needs --safeclip")
+        apply_preset(args, given)  # every run's args name a score and views, as open_clip's params.txt shows
         return
+    if given.get("safeclip_score") == "neighbours" and given.get("safeclip_sim_views") == "augmented":
+        raise UsageError("--safeclip-score neighbours needs --safeclip-sim-views plain, not augmented: under augmented "
+                         "views the copies of one image embed apart, and the second signal cannot find them")
+    args.safeclip_preset_note = apply_preset(args, given)
     warmup_epochs = args.safeclip_inmodal_epochs + args.safeclip_crossmodal_epochs
     if args.safeclip_inmodal_epochs < 0 or args.safeclip_crossmodal_epochs < 0:
         raise UsageError("--safeclip-inmodal-epochs and --safeclip-crossmodal-epochs must be >= 0")
@@ -311,9 +371,6 @@ def check_safeclip_args(args, defaults):
     check_fraction(args.safeclip_safe_fraction_auto_share, "--safeclip-safe-fraction-auto-share")
     if not 0 <= args.safeclip_score_quantile < 1:
         raise UsageError(f"--safeclip-score-quantile must be in [0, 1), got {args.safeclip_score_quantile}")
-    if args.safeclip_score == "neighbours" and args.safeclip_sim_views != "plain":
-        raise UsageError("--safeclip-score neighbours needs --safeclip-sim-views plain: under augmented views the "
-                         "copies of one image embed apart, and the second signal cannot find them")
     if args.safeclip_fast and args.safeclip_score == "neighbours":
         raise UsageError("--safeclip-fast cannot take --safeclip-score neighbours: the second signal needs the "
                          "embeddings of a similarity pass, which fast mode skips after the first split")

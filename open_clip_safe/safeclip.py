@@ -30,6 +30,8 @@ def get_data(args, preprocess_fns, epoch=0, tokenizer=None):
     if not args.safeclip:
         return open_clip_get_data(args, preprocess_fns, epoch=epoch, tokenizer=tokenizer)
     collectives.start_host_group(args)
+    if is_master(args) and getattr(args, "safeclip_preset_note", None):
+        logging.info(args.safeclip_preset_note)
     train_data, args.train_data = args.train_data, None
     try:
         data = open_clip_get_data(args, preprocess_fns, epoch=epoch, tokenizer=tokenizer)  # val / imagenet

@@ -1,11 +1,12 @@
 """The layer every tool shares: one-line errors with exit 2, defaults in --help, progress as lines in a log."""
+import argparse
 import importlib
 import io
 import re
 
 import pytest
 
-from open_clip_safe import cli
+from open_clip_safe import cli, params
 
 TOOLS = ("main", "world", "attacks", "evaluate", "demo", "bench")
 
@@ -46,12 +47,20 @@ def test_main_help_shows_every_safeclip_default(capsys):
 
     text = help_text("main", capsys)
     group = text[text.index("SafeCLIP (Yang et al."):]
+    presets = 0
     for action in safeclip_parser()._actions:
         if action.nargs == 0 or action.default is None:
             continue
         flag = action.option_strings[0]
-        help_lines = re.search(rf"\n  {re.escape(flag)}(?=[ \n]).*?(?=\n  --|\Z)", group, re.S).group(0)
-        assert f"(default: {action.default})" in " ".join(help_lines.split()), flag
+        help_lines = " ".join(re.search(rf"\n  {re.escape(flag)}(?=[ \n]).*?(?=\n  --|\Z)", group, re.S).group(0).split())
+        if action.default == argparse.SUPPRESS:  # set by --safeclip-preset: both presets' values
+            name = action.dest
+            presets += 1
+            assert (f"(default: measured {params.shown(params.PRESETS['measured'][name])}; "
+                    f"authors {params.shown(params.PRESETS['authors'][name])})") in help_lines, flag
+        else:
+            assert f"(default: {action.default})" in help_lines, flag
+    assert presets == len(params.PRESETS["measured"]) == 3
 
 
 def test_progress_in_a_job_log_is_lines_not_frames(monkeypatch):

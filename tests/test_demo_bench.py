@@ -3,6 +3,8 @@ import importlib
 import json
 import os
 import re
+import subprocess
+import time
 
 import pytest
 
@@ -41,7 +43,10 @@ def test_demo_quick_end_to_end(tmp_path):
         assert (out / "logs" / name / "checkpoints" / "epoch_3.pt").is_file()
     trained_with = (out / "logs" / "safeclip" / "params.txt").read_text().splitlines()
     assert "safeclip_cross_aug: False" in trained_with and "safeclip_safe_fraction_step: 0.25" in trained_with
-    assert "model: safeclip-micro" in trained_with
+    assert "model: safeclip-micro" in trained_with and "safeclip_score: neighbours" in trained_with
+    head = subprocess.run(["git", "-C", REPO, "rev-parse", "--short=7", "HEAD"], capture_output=True, text=True)
+    if head.returncode == 0:  # README's table names the commit and date of the report it quotes
+        assert summary["commit"].split("+")[0] == head.stdout.strip() and summary["date"] == time.strftime("%Y-%m-%d")
     again = run_module("open_clip_safe.demo", "--quick", "--out", out)
     assert again.returncode == 2 and "--overwrite" in again.stderr
     assert (out / "report" / "results.json").is_file(), "a refused rerun deletes nothing"
@@ -229,6 +234,10 @@ def test_neighbour_scale_times_the_second_signal_against_a_capped_reference(tmp_
     ("open_clip_safe.bench", ["--data-path", "--workers", "0"], "--workers must be at least 1"),
     ("open_clip_safe.bench", ["--data-path", "--image-size", "0"], "--image-size must be at least 1"),
     ("open_clip_safe.demo", ["--epochs", "1", "--quick"], "--epochs must leave"),
+    ("open_clip_safe.demo", ["--main-defaults", "--score", "mixture"], "--main-defaults trains SafeCLIP with main's"),
+    ("open_clip_safe.demo", ["--main-defaults", "--epochs", "6"], "--epochs must leave at least one mixed SafeCLIP "
+                                                                   "epoch after 6 warm-up epochs"),
+    ("open_clip_safe.demo", ["--fast", "--score", "neighbours"], "--fast cannot take --score neighbours"),
     ("open_clip_safe.bench", ["--fractions", "0.5,0.2"], "--fractions must be increasing"),
     ("open_clip_safe.bench", ["--num-train", "10"], "--num-train must hold"),
     ("open_clip_safe.bench", ["--fractions", "0.1,0.2,0.9"], "evenly spaced"),
@@ -239,6 +248,33 @@ def test_bad_input_exits_2(module, args, message, tmp_path, capsys):
     assert main([*args, "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+def safeclip_flags_of_the_demo(*argv):
+    from open_clip_safe import demo, params
+
+    _, config = demo.parse_args(list(argv))
+    command = demo.training_command(config, "train.tar", "logs", "safeclip", 0, safeclip=True)
+    safeclip = command[command.index("--safeclip"):]
+    args = params.parse_open_clip_args(command[3:command.index("--safeclip")])
+    known, rest = params.safeclip_parser().parse_known_args(safeclip)
+    assert rest == []
+    vars(args).update(vars(known))
+    params.check_safeclip_args(args, params.safeclip_parser().parse_args([]))
+    return config, safeclip, args
+
+
+def test_the_demo_trains_safeclip_with_the_measured_score_and_main_defaults_on_request():
+    config, _, args = safeclip_flags_of_the_demo()
+    assert (args.safeclip_score, args.safeclip_sim_views, args.safeclip_safe_fraction_step) == ("neighbours", "plain",
+                                                                                                 0.25)
+    _, _, args = safeclip_flags_of_the_demo("--fast")
+    assert args.safeclip_fast and args.safeclip_score == "mixture"
+    config, flags, args = safeclip_flags_of_the_demo("--main-defaults", "--epochs", "10")
+    assert flags == ["--safeclip"] and config.epochs == 10 and not config.small_run
+    assert (args.safeclip_inmodal_epochs, args.safeclip_crossmodal_epochs, args.safeclip_text_aug,
+            args.safeclip_image_aug, args.safeclip_score, args.safeclip_safe_fraction_step) == (
+        5, 1, "eda", "safeclip", "neighbours", None)
 
 
 def test_gpu_size_of_gpu_check_gives_every_worker_its_shards():

@@ -8,17 +8,64 @@ def parse(world, *flags):
     return params.parse_args(["--train-data", world["splits"]["train"]["shards"], "--workers", "1", *flags])
 
 
-def test_defaults_are_the_authors(world):
+def test_defaults_are_the_authors_but_for_the_measured_presets_three(world):
     args = parse(world, "--safeclip", "--epochs", "32")
     assert (args.safeclip_inmodal_epochs, args.safeclip_crossmodal_epochs) == (5, 1)
     assert args.safeclip_filter_lr == 5e-6 and args.safeclip_inmodal_lr is None
-    assert (args.safeclip_first_split_threshold, args.safeclip_safe_fraction_step,
-            args.safeclip_safe_fraction_max, args.safeclip_safe_fraction_start) == (0.9, 0.01, 0.85, 0.15)
+    assert (args.safeclip_first_split_threshold, args.safeclip_safe_fraction_max,
+            args.safeclip_safe_fraction_start) == (0.9, 0.85, 0.15)
     assert args.safeclip_split == "gmm" and args.safeclip_update_freq == 1
     assert args.safeclip_cross_aug and args.safeclip_text_aug == "eda" and args.safeclip_memory_bank_size == 0
     assert args.safeclip_image_aug == "safeclip" and args.safeclip_crop_scale == 0.08
+    assert args.safeclip_preset == "measured" and args.safeclip_preset_note is None
+    assert (args.safeclip_score, args.safeclip_sim_views, args.safeclip_safe_fraction_step) == ("neighbours", "plain",
+                                                                                                 None)
     plain = parse(world)
     assert not plain.safeclip and plain.lr == 5e-4, "open_clip's own defaults still apply"
+
+
+def test_the_authors_preset_gives_the_authors_values(world):
+    args = parse(world, "--safeclip", "--epochs", "32", "--safeclip-preset", "authors")
+    assert (args.safeclip_score, args.safeclip_sim_views, args.safeclip_safe_fraction_step) == ("mixture",
+                                                                                                 "augmented", 0.01)
+    assert args.safeclip_preset_note is None
+    assert (args.safeclip_inmodal_epochs, args.safeclip_crossmodal_epochs, args.safeclip_filter_lr) == (5, 1, 5e-6)
+
+
+@pytest.mark.parametrize("flags, values, note", [
+    (["--safeclip-safe-fraction-step", "0.25"], ("neighbours", "plain", 0.25),
+     "SafeCLIP preset measured: given flags win: --safeclip-safe-fraction-step 0.25 (preset: auto)"),
+    (["--safeclip-score", "mixture"], ("mixture", "plain", None),
+     "SafeCLIP preset measured: given flags win: --safeclip-score mixture (preset: neighbours)"),
+    (["--safeclip-sim-views", "augmented"], ("mixture", "augmented", None),
+     "SafeCLIP preset measured: given flags win: --safeclip-sim-views augmented (preset: plain); "
+     "so --safeclip-score mixture"),
+    (["--safeclip-fast"], ("mixture", "plain", None), "SafeCLIP preset measured: so --safeclip-score mixture"),
+    (["--safeclip-preset", "authors", "--safeclip-score", "neighbours"], ("neighbours", "plain", 0.01),
+     "SafeCLIP preset authors: given flags win: --safeclip-score neighbours (preset: mixture); "
+     "so --safeclip-sim-views plain"),
+    (["--safeclip-preset", "authors", "--safeclip-safe-fraction-step", "auto"], ("mixture", "augmented", None),
+     "SafeCLIP preset authors: given flags win: --safeclip-safe-fraction-step auto (preset: 0.01)"),
+    (["--safeclip-score", "neighbours", "--safeclip-sim-views", "plain"], ("neighbours", "plain", None), None),
+])
+def test_given_flags_win_over_the_preset_in_one_line(world, flags, values, note):
+    args = parse(world, "--safeclip", "--epochs", "9", *flags)
+    assert (args.safeclip_score, args.safeclip_sim_views, args.safeclip_safe_fraction_step) == values
+    assert args.safeclip_preset_note == note
+
+
+def test_the_preset_line_reaches_the_run_log(world, caplog):
+    import logging
+
+    from open_clip_safe import safeclip
+
+    args = parse(world, "--safeclip", "--epochs", "9", "--safeclip-score", "mixture")
+    args.rank, args.distributed = 0, False
+    caplog.set_level(logging.INFO)
+    with pytest.raises(KeyboardInterrupt), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(safeclip, "open_clip_get_data", lambda *_, **__: (_ for _ in ()).throw(KeyboardInterrupt))
+        safeclip.get_data(args, (None, None))
+    assert "given flags win: --safeclip-score mixture (preset: neighbours)" in caplog.text
 
 
 def test_help_shows_both_groups(capsys):
@@ -65,6 +112,13 @@ def test_help_shows_both_groups(capsys):
     (["--safeclip", "--epochs", "9", "--safeclip-image-aug", "open_clip", "--safeclip-augment-on", "device"],
      "--safeclip-augment-on device sets the authors' augmentation"),
     (["--safeclip-augment-on", "device"], "--safeclip-augment-on needs --safeclip"),
+    (["--safeclip-preset", "authors"], "--safeclip-preset needs --safeclip"),
+    (["--safeclip-score", "mixture"], "--safeclip-score needs --safeclip"),
+    (["--safeclip", "--epochs", "9", "--safeclip-score", "neighbours", "--safeclip-sim-views", "augmented"],
+     "--safeclip-score neighbours needs --safeclip-sim-views plain, not augmented"),
+    (["--safeclip", "--epochs", "9", "--safeclip-fast", "--safeclip-score", "neighbours"],
+     "--safeclip-fast cannot take --safeclip-score neighbours"),
+    (["--safeclip", "--epochs", "9", "--safeclip-preset", "paper"], "invalid choice: 'paper'"),
 ])
 def test_invalid_safeclip_settings(world, capsys, flags, message):
     with pytest.raises(SystemExit) as exit_info:

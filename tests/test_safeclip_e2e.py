@@ -173,6 +173,22 @@ def test_resume_without_safeclip_state_is_refused(poisoned_world, full_run, tmp_
 
 
 @pytest.mark.slow
+def test_extending_a_run_with_more_epochs_is_refused_in_one_line(poisoned_world, full_run, tmp_path, train_in_process):
+    """open_clip users resume with a larger --epochs; SafeCLIP's plan for the epochs already trained came
+    from the old count, so the resume stops with one line naming the flag and both values."""
+    for folder in ("checkpoints", "safeclip_state"):
+        (tmp_path / "run" / folder).mkdir(parents=True)
+        shutil.copy(full_run / folder / "epoch_3.pt", tmp_path / "run" / folder / "epoch_3.pt")
+    flags = safeclip_flags(poisoned_world["shards"], tmp_path, "run")
+    flags[flags.index("--epochs") + 1] = str(EPOCHS + 2)
+    longer = train_in_process(*flags, "--resume", "latest")
+    assert longer.returncode == 2 and "Traceback" not in longer.stderr
+    assert longer.stderr.strip().splitlines()[-1] == (
+        f"open_clip_safe.main: error: --resume: SafeCLIP cannot continue a schedule planned with other settings: "
+        f"--epochs saved {EPOCHS}, now {EPOCHS + 2} (resume with the saved values, or start a new run)")
+
+
+@pytest.mark.slow
 def test_bf16_autocast_on_cpu_through_a_mixed_epoch(poisoned_world, tmp_path, wordnet):
     """Also the small-image options: a ramp into the cross-modal warm-up and a milder crop."""
     flags = safeclip_flags(poisoned_world["shards"], tmp_path, "bf16",
