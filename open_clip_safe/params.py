@@ -156,23 +156,35 @@ def one_line_error(parser, message):
     fail(TOOL, message)
 
 
-def fraction_step(value):
-    """A safe-fraction step: a number, or auto (None)."""
-    if value == "auto":
-        return None
-    try:
-        return float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or auto, got {value!r}") from None
+def or_auto(kind):
+    """An argparse type: a `kind` number, or auto (None), which the run resolves."""
+    def parse(value):
+        if value == "auto":
+            return None
+        try:
+            return kind(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'} or auto, "
+                                             f"got {value!r}") from None
+    return parse
 
 
-# The flags a preset sets when they are not given (docs/design.md#presets). measured: the second signal,
-# with the plain similarity views it needs, and a safe fraction that reaches its cap halfway through the
-# mixed epochs, whatever the run's length; authors: the SafeCLIP authors' values.
+# The flags a preset sets when they are not given (docs/design.md#presets). measured: what defended best
+# in this project's runs: the second signal with the plain similarity views it needs, a safe fraction that
+# reaches its cap halfway through the mixed epochs, a 1 + 2 epoch warm-up whose cross-modal rate is sized
+# from the run's steps (schedule.auto_filter_lr), and open_clip's own image views with raw captions.
+# authors: the SafeCLIP authors' values. None is "auto" on the command line.
 PRESETS = {
-    "measured": {"safeclip_score": "neighbours", "safeclip_sim_views": "plain", "safeclip_safe_fraction_step": None},
-    "authors": {"safeclip_score": "mixture", "safeclip_sim_views": "augmented", "safeclip_safe_fraction_step": 0.01},
+    "measured": {"safeclip_score": "neighbours", "safeclip_sim_views": "plain", "safeclip_safe_fraction_step": None,
+                 "safeclip_inmodal_epochs": 1, "safeclip_crossmodal_epochs": 2, "safeclip_filter_lr": None,
+                 "safeclip_crossmodal_warmup": None, "safeclip_image_aug": "open_clip", "safeclip_text_aug": "none"},
+    "authors": {"safeclip_score": "mixture", "safeclip_sim_views": "augmented", "safeclip_safe_fraction_step": 0.01,
+                "safeclip_inmodal_epochs": 5, "safeclip_crossmodal_epochs": 1, "safeclip_filter_lr": 5e-6,
+                "safeclip_crossmodal_warmup": 0, "safeclip_image_aug": "safeclip", "safeclip_text_aug": "eda"},
 }
+# Flags that only the authors' image views read: given, they take those views from the preset.
+AUTHORS_VIEW_FLAGS = {"safeclip_crop_scale": "--safeclip-crop-scale", "safeclip_color_jitter": "--safeclip-color-jitter",
+                      "safeclip_blur_sigma": "--safeclip-blur-sigma", "safeclip_augment_on": "--safeclip-augment-on"}
 
 
 def shown(value):
@@ -189,16 +201,19 @@ def preset_defaults(name):
     return " (default: " + "; ".join(f"{preset} {shown(values[name])}" for preset, values in PRESETS.items()) + ")"
 
 
-def apply_preset(args, given):
+def apply_preset(args, given, defaults):
     """Fill the flags the preset sets and the user did not give; returns the one line that says which
-    given flags differ from the preset, or None. The preset's score follows what the given flags allow:
-    the second signal needs a pass on plain views every mixed epoch, so augmented views or fast mode
-    given explicitly take the mixture."""
+    given flags differ from the preset, or None. The preset follows what the given flags allow: the
+    second signal needs a pass on plain views every mixed epoch, so augmented views or fast mode given
+    explicitly take the mixture; a setting of the authors' image views takes those views."""
     preset = dict(PRESETS[args.safeclip_preset])
     if "safeclip_score" not in given and (given.get("safeclip_sim_views") == "augmented" or args.safeclip_fast):
         preset["safeclip_score"] = "mixture"
     if "safeclip_sim_views" not in given and given.get("safeclip_score") == "neighbours":
         preset["safeclip_sim_views"] = "plain"
+    if "safeclip_image_aug" not in given and any(getattr(args, name) != getattr(defaults, name)
+                                                 for name in AUTHORS_VIEW_FLAGS):
+        preset["safeclip_image_aug"] = "safeclip"
     for name, value in preset.items():
         setattr(args, name, given.get(name, value))
     changed = [f"{flag_of(name)} {shown(given[name])} (preset: {shown(value)})"
@@ -223,15 +238,22 @@ def safeclip_parser():
                        help=f"Defaults of {', '.join(map(flag_of, PRESETS['measured']))} (a flag given wins): "
                             "measured, the configuration that defended best in this project's measurements "
                             "(docs/defense.md); authors, the SafeCLIP authors' values.")
-    group.add_argument("--safeclip-inmodal-epochs", type=int, default=5,
-                       help="In-modal (image-image, text-text) warm-up epochs.")
-    group.add_argument("--safeclip-crossmodal-epochs", type=int, default=1,
-                       help="Cross-modal warm-up epochs at --safeclip-filter-lr.")
-    group.add_argument("--safeclip-filter-lr", type=float, default=5e-6,
-                       help="Constant learning rate of the cross-modal warm-up; the warm-up cosine ends here.")
-    group.add_argument("--safeclip-crossmodal-warmup", type=int, default=0,
+    group.add_argument("--safeclip-inmodal-epochs", type=int, default=argparse.SUPPRESS,
+                       help="In-modal (image-image, text-text) warm-up epochs"
+                            + preset_defaults("safeclip_inmodal_epochs"))
+    group.add_argument("--safeclip-crossmodal-epochs", type=int, default=argparse.SUPPRESS,
+                       help="Cross-modal warm-up epochs at --safeclip-filter-lr"
+                            + preset_defaults("safeclip_crossmodal_epochs"))
+    group.add_argument("--safeclip-filter-lr", type=or_auto(float), default=argparse.SUPPRESS,
+                       help="Learning rate of the cross-modal warm-up; the warm-up cosine ends here. auto: the "
+                            "authors' 5e-06, raised (at most to --lr) so that a run with fewer steps per epoch than "
+                            "theirs moves the weights as far in its cross-modal warm-up"
+                            + preset_defaults("safeclip_filter_lr"))
+    group.add_argument("--safeclip-crossmodal-warmup", type=or_auto(int), default=argparse.SUPPRESS,
                        help="Ramp the cross-modal warm-up's learning rate linearly from 0 to --safeclip-filter-lr "
-                            "over this many steps (the authors: 0, a constant rate; a high filter lr needs a ramp).")
+                            "over this many steps (a high filter lr needs a ramp); auto: half the cross-modal "
+                            "warm-up's steps when the filter lr is above the authors' 5e-06, else 0"
+                            + preset_defaults("safeclip_crossmodal_warmup"))
     group.add_argument("--safeclip-inmodal-lr", type=float, default=None,
                        help="Learning rate of the in-modal loss (warm-up and risky sub-epochs); default: --lr.")
     group.add_argument("--safeclip-memory-bank-size", type=int, default=0,
@@ -242,7 +264,7 @@ def safeclip_parser():
                        help="gmm: clean probability a sample needs to be safe at the first mixed epoch.")
     group.add_argument("--safeclip-safe-fraction-start", type=float, default=0.15,
                        help="topk: safe fraction at the first mixed epoch.")
-    group.add_argument("--safeclip-safe-fraction-step", type=fraction_step, default=argparse.SUPPRESS,
+    group.add_argument("--safeclip-safe-fraction-step", type=or_auto(float), default=argparse.SUPPRESS,
                        help="Growth of the safe fraction per update, or auto: the step that reaches "
                             "--safeclip-safe-fraction-max after --safeclip-safe-fraction-auto-share of the mixed "
                             "epochs" + preset_defaults("safeclip_safe_fraction_step"))
@@ -264,11 +286,14 @@ def safeclip_parser():
                             "subset of this size.")
     group.add_argument("--safeclip-no-cross-aug", dest="safeclip_cross_aug", action="store_false",
                        help="CLIP loss on (image view 1, caption view 1) instead of crosswise views.")
-    group.add_argument("--safeclip-text-aug", choices=("eda", "none"), default="eda",
-                       help="Caption augmentation: EDA with WordNet, or none (both views are the raw caption).")
-    group.add_argument("--safeclip-image-aug", choices=("safeclip", "open_clip"), default="safeclip",
+    group.add_argument("--safeclip-text-aug", choices=("eda", "none"), default=argparse.SUPPRESS,
+                       help="Caption augmentation: EDA with WordNet, or none (both views are the raw caption)"
+                            + preset_defaults("safeclip_text_aug"))
+    group.add_argument("--safeclip-image-aug", choices=("safeclip", "open_clip"), default=argparse.SUPPRESS,
                        help="Image views: the authors' augmentation (crop, flip, colour jitter, grayscale, blur), "
-                            "or open_clip's train preprocess (--aug-cfg), the views plain open_clip trains on.")
+                            "or open_clip's train preprocess (--aug-cfg), the views plain open_clip trains on; "
+                            "a setting of the authors' views (crop scale, jitter, blur, --safeclip-augment-on) "
+                            "makes the preset's views safeclip" + preset_defaults("safeclip_image_aug"))
     group.add_argument("--safeclip-crop-scale", type=float, default=AUTHORS_CROP_SCALE,
                        help=f"Smallest crop area of the image views' RandomResizedCrop (the authors: {AUTHORS_CROP_SCALE}).")
     group.add_argument("--safeclip-augment-on", choices=("auto", "workers", "device"), default="auto",
@@ -351,12 +376,12 @@ def check_safeclip_args(args, defaults):
         changed = [name for name, value in vars(defaults).items() if getattr(args, name) != value] + list(given)
         if changed:
             raise UsageError(f"{flag_of(changed[0])} needs --safeclip")
-        apply_preset(args, given)  # every run's args name a score and views, as open_clip's params.txt shows
+        apply_preset(args, given, defaults)  # every run's args name a score and views, as open_clip's params.txt shows
         return
     if given.get("safeclip_score") == "neighbours" and given.get("safeclip_sim_views") == "augmented":
         raise UsageError("--safeclip-score neighbours needs --safeclip-sim-views plain, not augmented: under augmented "
                          "views the copies of one image embed apart, and the second signal cannot find them")
-    args.safeclip_preset_note = apply_preset(args, given)
+    args.safeclip_preset_note = apply_preset(args, given, defaults)
     warmup_epochs = args.safeclip_inmodal_epochs + args.safeclip_crossmodal_epochs
     if args.safeclip_inmodal_epochs < 0 or args.safeclip_crossmodal_epochs < 0:
         raise UsageError("--safeclip-inmodal-epochs and --safeclip-crossmodal-epochs must be >= 0")
@@ -385,7 +410,7 @@ def check_safeclip_args(args, defaults):
         raise UsageError("--safeclip-crop-scale sets the authors' augmentation; with --safeclip-image-aug open_clip "
                          "the crop comes from --aug-cfg scale=(lo,hi)")
     check_view_args(args, defaults)
-    if args.safeclip_crossmodal_warmup < 0:
+    if args.safeclip_crossmodal_warmup is not None and args.safeclip_crossmodal_warmup < 0:
         raise UsageError("--safeclip-crossmodal-warmup must be >= 0")
     if args.safeclip_memory_bank_size < 0:
         raise UsageError("--safeclip-memory-bank-size must be >= 0")

@@ -156,6 +156,24 @@ class SplitRule:
         return top_fraction_mask(score, self.fraction_start, tiebreak=similarity), reason
 
 
+# The authors' CC1M run warms up cross-modally for one epoch of 1M / 256 = 3,906 steps at 5e-6; Adam moves
+# each weight by about the learning rate a step, so that warm-up moves the weights about 0.02 in all.
+AUTHORS_FILTER_LR, AUTHORS_EPOCH_STEPS = 5e-6, 3906
+
+
+def auto_filter_lr(lr, crossmodal_steps):
+    """--safeclip-filter-lr auto: the authors' rate, raised (at most to the CLIP lr) for a cross-modal
+    warm-up of fewer steps than theirs, so that it moves the weights as far: at 5e-6, a warm-up of a
+    few hundred steps leaves a from-scratch model unaligned and the first split blind (docs/defense.md)."""
+    return max(AUTHORS_FILTER_LR, min(lr, AUTHORS_FILTER_LR * AUTHORS_EPOCH_STEPS / max(1, crossmodal_steps)))
+
+
+def auto_crossmodal_warmup(filter_lr, crossmodal_steps):
+    """--safeclip-crossmodal-warmup auto: a ramp over half the cross-modal warm-up when its rate was
+    raised (a high rate at the switch to the CLIP loss collapses a young model; see LrPlan)."""
+    return crossmodal_steps // 2 if filter_lr > AUTHORS_FILTER_LR else 0
+
+
 def cosine(base_lr, warmup, steps, step):
     """open_clip's cosine_lr (linear warm-up, cosine to 0 at `steps`) as a pure function of the step."""
     probe = SimpleNamespace(param_groups=[{}])  # cosine_lr assigns to an optimizer's groups
@@ -274,12 +292,21 @@ class SafeclipSchedule:
                          fraction_start=args.safeclip_safe_fraction_start,
                          fraction_step=args.safeclip_safe_fraction_step, fraction_max=args.safeclip_safe_fraction_max,
                          update_freq=args.safeclip_update_freq, auto_share=args.safeclip_safe_fraction_auto_share)
+        steps_per_epoch = data.dataloader.num_batches
+        crossmodal_steps = args.safeclip_crossmodal_epochs * steps_per_epoch
+        filter_lr, ramp = args.safeclip_filter_lr, args.safeclip_crossmodal_warmup
+        if filter_lr is None:
+            filter_lr = auto_filter_lr(args.lr, crossmodal_steps)
+        if ramp is None:
+            ramp = auto_crossmodal_warmup(filter_lr, crossmodal_steps)
+        if args.safeclip_filter_lr is None or args.safeclip_crossmodal_warmup is None:
+            logging.info(f"SafeCLIP cross-modal warm-up of {crossmodal_steps} steps: --safeclip-filter-lr "
+                         f"{filter_lr:.3g}, --safeclip-crossmodal-warmup {ramp} (auto, from the step count)")
         return cls(rule=rule, inmodal_epochs=args.safeclip_inmodal_epochs,
                    crossmodal_epochs=args.safeclip_crossmodal_epochs, epochs=args.epochs,
-                   num_samples=data.num_samples, steps_per_epoch=data.dataloader.num_batches,
+                   num_samples=data.num_samples, steps_per_epoch=steps_per_epoch,
                    steps_for=data.batches_for, inmodal_lr=args.safeclip_inmodal_lr or args.lr, cross_lr=args.lr,
-                   filter_lr=args.safeclip_filter_lr, warmup=args.warmup,
-                   crossmodal_warmup=args.safeclip_crossmodal_warmup)
+                   filter_lr=filter_lr, warmup=args.warmup, crossmodal_warmup=ramp)
 
     @property
     def warmup_epochs(self):

@@ -8,15 +8,16 @@ def parse(world, *flags):
     return params.parse_args(["--train-data", world["splits"]["train"]["shards"], "--workers", "1", *flags])
 
 
-def test_defaults_are_the_authors_but_for_the_measured_presets_three(world):
+def test_defaults_are_the_authors_but_for_the_measured_presets(world):
     args = parse(world, "--safeclip", "--epochs", "32")
-    assert (args.safeclip_inmodal_epochs, args.safeclip_crossmodal_epochs) == (5, 1)
-    assert args.safeclip_filter_lr == 5e-6 and args.safeclip_inmodal_lr is None
+    assert (args.safeclip_inmodal_epochs, args.safeclip_crossmodal_epochs) == (1, 2)
+    assert args.safeclip_filter_lr is None and args.safeclip_crossmodal_warmup is None  # auto: from the step count
+    assert args.safeclip_inmodal_lr is None
     assert (args.safeclip_first_split_threshold, args.safeclip_safe_fraction_max,
             args.safeclip_safe_fraction_start) == (0.9, 0.85, 0.15)
     assert args.safeclip_split == "gmm" and args.safeclip_update_freq == 1
-    assert args.safeclip_cross_aug and args.safeclip_text_aug == "eda" and args.safeclip_memory_bank_size == 0
-    assert args.safeclip_image_aug == "safeclip" and args.safeclip_crop_scale == 0.08
+    assert args.safeclip_cross_aug and args.safeclip_text_aug == "none" and args.safeclip_memory_bank_size == 0
+    assert args.safeclip_image_aug == "open_clip" and args.safeclip_crop_scale == 0.08
     assert args.safeclip_preset == "measured" and args.safeclip_preset_note is None
     assert (args.safeclip_score, args.safeclip_sim_views, args.safeclip_safe_fraction_step) == ("neighbours", "plain",
                                                                                                  None)
@@ -29,7 +30,21 @@ def test_the_authors_preset_gives_the_authors_values(world):
     assert (args.safeclip_score, args.safeclip_sim_views, args.safeclip_safe_fraction_step) == ("mixture",
                                                                                                  "augmented", 0.01)
     assert args.safeclip_preset_note is None
-    assert (args.safeclip_inmodal_epochs, args.safeclip_crossmodal_epochs, args.safeclip_filter_lr) == (5, 1, 5e-6)
+    assert (args.safeclip_inmodal_epochs, args.safeclip_crossmodal_epochs, args.safeclip_filter_lr,
+            args.safeclip_crossmodal_warmup) == (5, 1, 5e-6, 0)
+    assert (args.safeclip_image_aug, args.safeclip_text_aug, args.safeclip_crop_scale) == ("safeclip", "eda", 0.08)
+
+
+@pytest.mark.parametrize("flags, image_aug, note", [
+    (["--safeclip-blur-sigma", "0.5", "1.0"], "safeclip", "SafeCLIP preset measured: so --safeclip-image-aug safeclip"),
+    (["--safeclip-crop-scale", "0.5"], "safeclip", "SafeCLIP preset measured: so --safeclip-image-aug safeclip"),
+    (["--safeclip-image-aug", "safeclip", "--safeclip-crop-scale", "0.5"], "safeclip",
+     "SafeCLIP preset measured: given flags win: --safeclip-image-aug safeclip (preset: open_clip)"),
+    (["--safeclip-preset", "authors", "--safeclip-blur-sigma", "0.5", "1.0"], "safeclip", None),
+])
+def test_a_setting_of_the_authors_views_takes_those_views(world, flags, image_aug, note):
+    args = parse(world, "--safeclip", "--epochs", "9", *flags)
+    assert args.safeclip_image_aug == image_aug and args.safeclip_preset_note == note
 
 
 @pytest.mark.parametrize("flags, values, note", [
@@ -79,7 +94,8 @@ def test_help_shows_both_groups(capsys):
 
 @pytest.mark.parametrize("flags, message", [
     (["--safeclip-split", "topk"], "--safeclip-split needs --safeclip"),
-    (["--safeclip", "--epochs", "4"], "--epochs 4 is fewer than the 6 SafeCLIP warm-up epochs"),
+    (["--safeclip", "--epochs", "2"], "--epochs 2 is fewer than the 3 SafeCLIP warm-up epochs"),
+    (["--safeclip", "--epochs", "9", "--safeclip-filter-lr", "fast"], "expected a number or auto, got 'fast'"),
     (["--safeclip", "--epochs", "9", "--safeclip-safe-fraction-max", "1.5"],
      "--safeclip-safe-fraction-max must be in (0, 1], got 1.5"),
     (["--safeclip", "--epochs", "9", "--safeclip-first-split-threshold", "0"],

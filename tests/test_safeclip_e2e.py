@@ -19,7 +19,8 @@ def safeclip_flags(train_data, logs, name, extra=()):
             "--log-every-n-steps", "4", "--logs", str(logs), "--name", name, "--save-frequency", "1",
             "--safeclip", "--safeclip-inmodal-epochs", "1", "--safeclip-crossmodal-epochs", "1",
             "--safeclip-filter-lr", "1e-4", "--safeclip-safe-fraction-step", "0.25",
-            "--safeclip-safe-fraction-max", "0.6", "--safeclip-memory-bank-size", "64", *extra]
+            "--safeclip-safe-fraction-max", "0.6", "--safeclip-memory-bank-size", "64",
+            "--safeclip-image-aug", "safeclip", "--safeclip-text-aug", "eda", *extra]  # the paths the authors' views take
 
 
 def phases_logged(log):
