@@ -237,7 +237,7 @@ def evaluate_model(model, preprocess, tokenizer, test_set, classnames, templates
     backdoor = backdoor_card is not None
     target = class_index(classnames, backdoor_card["target"], "target") if backdoor else None
     prepare = Prepared(preprocess, backdoor_card)
-    total = top1 = top5 = triggered = hits = 0
+    total = top1 = top5 = triggered = hits = untriggered_hits = 0
     batches = test_loader(test_set, prepare, batch_size, workers)
     for clean, trigger, labels in cli.progress(batches, enabled=progress, desc="evaluate", unit="batch"):
         if labels.min() < 0 or labels.max() >= len(classnames):
@@ -253,6 +253,7 @@ def evaluate_model(model, preprocess, tokenizer, test_set, classnames, templates
                 attacked = zero_shot.topk(trigger[eligible], 1)[:, 0]
                 triggered += int(eligible.sum())
                 hits += int((attacked == target).sum())
+                untriggered_hits += int((predicted[eligible, 0] == target).sum())
     if total == 0:
         raise EvaluationError(f"{test_set.name}: no test samples")
     result = {"test_data": test_set.name, "num_test": total, "num_classes": len(classnames),
@@ -260,7 +261,9 @@ def evaluate_model(model, preprocess, tokenizer, test_set, classnames, templates
               "backdoor": None, "targeted": None}
     if backdoor:
         result["backdoor"] = {"attack": backdoor_card["attack"], "target": backdoor_card["target"],
-                              "num_triggered": triggered, "asr": hits / triggered if triggered else None}
+                              "num_triggered": triggered, "asr": hits / triggered if triggered else None,
+                              # the same images without the trigger: what a weak model calls the target anyway
+                              "untriggered_rate": untriggered_hits / triggered if triggered else None}
     if targeted_card is not None:
         result["targeted"] = targeted_success(zero_shot, preprocess, targeted_card, classnames)
     return result
@@ -291,7 +294,8 @@ def result_table(result):
     if result["backdoor"]:
         b = result["backdoor"]
         rows.append((f"backdoor ASR ({b['attack']} -> {b['target']})",
-                     f"{percent(b['asr'])} of {b['num_triggered']} triggered images"))
+                     f"{percent(b['asr'])} of {b['num_triggered']} triggered images (without the trigger: "
+                     f"{percent(b['untriggered_rate'])})"))
     if result["targeted"]:
         t = result["targeted"]
         hits = sum(row["success"] for row in t["targets"])

@@ -15,7 +15,7 @@ from torchvision import transforms
 
 from open_clip_safe.evaluate import main as evaluate_main
 from open_clip_safe.attacks import load_attack_card, target_samples
-from open_clip_safe.evaluate import csv_test_set, evaluate_model
+from open_clip_safe.evaluate import csv_test_set, evaluate_model, result_table
 from open_clip_safe.world import CLASSES, ZERO_SHOT_TEMPLATES
 
 from conftest import run_module
@@ -124,6 +124,21 @@ def test_backdoor_asr_known_answer(known_test_set, badnets_card):
     assert result["backdoor"]["num_triggered"] == len(eligible)
     assert result["backdoor"]["asr"] == pytest.approx(expected)
     assert result["top1"] == pytest.approx(30 / 40), "clean images are untouched by the trigger"
+
+
+@pytest.mark.slow
+def test_backdoor_asr_comes_with_the_rate_without_the_trigger(tmp_path, badnets_card):
+    """Images the model already calls the target without the trigger: a weak model's ASR floor."""
+    target = CLASSES.index("banana")
+    rows = [(target, 5), (target, 6), (3, 3), (4, 4), (target, target)]  # (shown, label)
+    test_set = csv_test_set(solid_csv(tmp_path, rows), "filepath", "label", "\t")
+    backdoor = oracle_eval(test_set, [badnets_card])["backdoor"]
+    assert backdoor["num_triggered"] == 4, "the target's own images are not counted"
+    assert backdoor["untriggered_rate"] == pytest.approx(2 / 4)
+    assert backdoor["asr"] == pytest.approx(3 / 4)  # the oracle: the trigger works on even shown classes
+    assert "75.0% of 4 triggered images (without the trigger: 50.0%)" in result_table(
+        {"test_data": "t", "num_test": 5, "num_classes": 20, "top1": 0.4, "top5": 1.0, "backdoor": backdoor,
+         "targeted": None})
 
 
 @pytest.mark.slow

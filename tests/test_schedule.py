@@ -214,6 +214,37 @@ def test_from_args_reads_the_flags():
     assert plan.mixed_steps == {"safe": [4], "risky": [16]}
 
 
+@pytest.mark.parametrize("steps_per_epoch, crossmodal_epochs, lr, filter_lr, ramp", [
+    (3906, 1, 5e-4, 5e-6, 0),  # the authors' CC1M epoch: their rate, no ramp
+    (11_719, 1, 5e-4, 5e-6, 0),  # CC3M at batch 256: never below their rate
+    (31, 2, 1e-3, 5e-6 * 3906 / 62, 31),  # the demo's 62-step warm-up: raised, with a ramp over half of it
+    (5, 1, 1e-3, 1e-3, 2),  # at most --lr
+])
+def test_auto_filter_lr_moves_the_weights_as_far_as_the_authors_warm_up(caplog, steps_per_epoch, crossmodal_epochs,
+                                                                        lr, filter_lr, ramp):
+    import logging
+
+    caplog.set_level(logging.INFO)
+    args = SimpleNamespace(safeclip_split="gmm", safeclip_first_split_threshold=0.9, safeclip_safe_fraction_start=0.15,
+                           safeclip_safe_fraction_step=None, safeclip_safe_fraction_max=0.85, safeclip_update_freq=1,
+                           safeclip_safe_fraction_auto_share=0.5, safeclip_inmodal_epochs=1,
+                           safeclip_crossmodal_epochs=crossmodal_epochs, epochs=10, safeclip_inmodal_lr=None, lr=lr,
+                           safeclip_filter_lr=None, warmup=0, safeclip_crossmodal_warmup=None)
+    data = SimpleNamespace(num_samples=steps_per_epoch * 128, dataloader=SimpleNamespace(num_batches=steps_per_epoch),
+                           batches_for=full_batches(128))
+    plan = SafeclipSchedule.from_args(args, data).plan
+    assert plan.filter_lr == pytest.approx(filter_lr) and plan.crossmodal_warmup == ramp
+    assert (f"cross-modal warm-up of {steps_per_epoch * crossmodal_epochs} steps: --safeclip-filter-lr "
+            f"{filter_lr:.3g}, --safeclip-crossmodal-warmup {ramp} (auto") in caplog.text
+    inmodal_steps = steps_per_epoch
+    assert plan.warmup_lr(inmodal_steps + max(ramp, 1) - 1) == pytest.approx(filter_lr)
+    if ramp:
+        assert plan.warmup_lr(inmodal_steps) == pytest.approx(filter_lr / ramp)
+    given = SafeclipSchedule.from_args(SimpleNamespace(**{**vars(args), "safeclip_filter_lr": 1e-4,
+                                                          "safeclip_crossmodal_warmup": 0}), data).plan
+    assert (given.filter_lr, given.crossmodal_warmup) == (1e-4, 0), "a given rate and ramp are kept"
+
+
 def test_a_first_split_from_a_mixture_that_does_not_separate_falls_back_to_the_start_fraction():
     """One hump of similarities: the "clean" component is its upper half (Ashman's D < 2), so the
     samples over the threshold are no group of their own; the safe set is the top 15% instead."""
