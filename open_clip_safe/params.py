@@ -169,18 +169,26 @@ def or_auto(kind):
     return parse
 
 
+def inmodal_lr(value):
+    """--safeclip-inmodal-lr: a number, lr (--lr's value) or auto (None)."""
+    return "lr" if value == "lr" else or_auto(float)(value)
+
+
 # The flags a preset sets when they are not given (docs/design.md#presets). measured: what defended best
 # in this project's runs: the second signal with the plain similarity views it needs, a safe fraction that
 # reaches its cap halfway through the mixed epochs, a 1 + 2 epoch warm-up whose cross-modal rate is sized
-# from the run's steps (schedule.auto_filter_lr), and open_clip's own image views with raw captions.
+# from the run's steps (schedule.auto_filter_lr), an in-modal rate of --lr / 5, and open_clip's own image
+# views with raw captions.
 # authors: the SafeCLIP authors' values. None is "auto" on the command line.
 PRESETS = {
     "measured": {"safeclip_score": "neighbours", "safeclip_sim_views": "plain", "safeclip_safe_fraction_step": None,
                  "safeclip_inmodal_epochs": 1, "safeclip_crossmodal_epochs": 2, "safeclip_filter_lr": None,
-                 "safeclip_crossmodal_warmup": None, "safeclip_image_aug": "open_clip", "safeclip_text_aug": "none"},
+                 "safeclip_crossmodal_warmup": None, "safeclip_inmodal_lr": None, "safeclip_image_aug": "open_clip",
+                 "safeclip_text_aug": "none"},
     "authors": {"safeclip_score": "mixture", "safeclip_sim_views": "augmented", "safeclip_safe_fraction_step": 0.01,
                 "safeclip_inmodal_epochs": 5, "safeclip_crossmodal_epochs": 1, "safeclip_filter_lr": 5e-6,
-                "safeclip_crossmodal_warmup": 0, "safeclip_image_aug": "safeclip", "safeclip_text_aug": "eda"},
+                "safeclip_crossmodal_warmup": 0, "safeclip_inmodal_lr": "lr", "safeclip_image_aug": "safeclip",
+                "safeclip_text_aug": "eda"},
 }
 # Flags that only the authors' image views read: given, they take those views from the preset.
 AUTHORS_VIEW_FLAGS = {"safeclip_crop_scale": "--safeclip-crop-scale", "safeclip_color_jitter": "--safeclip-color-jitter",
@@ -254,8 +262,10 @@ def safeclip_parser():
                             "over this many steps (a high filter lr needs a ramp); auto: half the cross-modal "
                             "warm-up's steps when the filter lr is above the authors' 5e-06, else 0"
                             + preset_defaults("safeclip_crossmodal_warmup"))
-    group.add_argument("--safeclip-inmodal-lr", type=float, default=None,
-                       help="Learning rate of the in-modal loss (warm-up and risky sub-epochs); default: --lr.")
+    group.add_argument("--safeclip-inmodal-lr", type=inmodal_lr, default=argparse.SUPPRESS,
+                       help="Learning rate of the in-modal loss (warm-up and risky sub-epochs): a number, lr (the "
+                            "same as --lr), or auto: --lr / 5, the authors' CC1M ratio (1e-4 against 5e-4)"
+                            + preset_defaults("safeclip_inmodal_lr"))
     group.add_argument("--safeclip-memory-bank-size", type=int, default=0,
                        help="Nearest-neighbour memory bank size per modality for the in-modal loss; 0 = off.")
     group.add_argument("--safeclip-split", choices=("gmm", "topk"), default="gmm",
@@ -403,7 +413,7 @@ def check_safeclip_args(args, defaults):
         raise UsageError("--safeclip-neighbour-reference must be at least 2")
     for flag, value in (("--safeclip-filter-lr", args.safeclip_filter_lr),
                         ("--safeclip-inmodal-lr", args.safeclip_inmodal_lr)):
-        if value is not None and value <= 0:
+        if value not in (None, "lr") and value <= 0:
             raise UsageError(f"{flag} must be positive, got {value}")
     check_fraction(args.safeclip_crop_scale, "--safeclip-crop-scale")
     if args.safeclip_image_aug == "open_clip" and args.safeclip_crop_scale != defaults.safeclip_crop_scale:

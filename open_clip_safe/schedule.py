@@ -168,6 +168,12 @@ def auto_filter_lr(lr, crossmodal_steps):
     return max(AUTHORS_FILTER_LR, min(lr, AUTHORS_FILTER_LR * AUTHORS_EPOCH_STEPS / max(1, crossmodal_steps)))
 
 
+def resolve_inmodal_lr(value, lr):
+    """--safeclip-inmodal-lr: a number, "lr" (--lr itself, the authors' parser default), or None (auto):
+    --lr / 5, the ratio of the authors' CC1M run (in-modal 1e-4 against cross-modal 5e-4)."""
+    return lr if value == "lr" else lr / 5 if value is None else value
+
+
 def auto_crossmodal_warmup(filter_lr, crossmodal_steps):
     """--safeclip-crossmodal-warmup auto: a ramp over half the cross-modal warm-up when its rate was
     raised (a high rate at the switch to the CLIP loss collapses a young model; see LrPlan)."""
@@ -305,7 +311,7 @@ class SafeclipSchedule:
         return cls(rule=rule, inmodal_epochs=args.safeclip_inmodal_epochs,
                    crossmodal_epochs=args.safeclip_crossmodal_epochs, epochs=args.epochs,
                    num_samples=data.num_samples, steps_per_epoch=steps_per_epoch,
-                   steps_for=data.batches_for, inmodal_lr=args.safeclip_inmodal_lr or args.lr, cross_lr=args.lr,
+                   steps_for=data.batches_for, inmodal_lr=resolve_inmodal_lr(args.safeclip_inmodal_lr, args.lr), cross_lr=args.lr,
                    filter_lr=filter_lr, warmup=args.warmup, crossmodal_warmup=ramp)
 
     @property

@@ -12,7 +12,7 @@ def test_defaults_are_the_authors_but_for_the_measured_presets(world):
     args = parse(world, "--safeclip", "--epochs", "32")
     assert (args.safeclip_inmodal_epochs, args.safeclip_crossmodal_epochs) == (1, 2)
     assert args.safeclip_filter_lr is None and args.safeclip_crossmodal_warmup is None  # auto: from the step count
-    assert args.safeclip_inmodal_lr is None
+    assert args.safeclip_inmodal_lr is None  # auto: --lr / 5
     assert (args.safeclip_first_split_threshold, args.safeclip_safe_fraction_max,
             args.safeclip_safe_fraction_start) == (0.9, 0.85, 0.15)
     assert args.safeclip_split == "gmm" and args.safeclip_update_freq == 1
@@ -31,7 +31,7 @@ def test_the_authors_preset_gives_the_authors_values(world):
                                                                                                  "augmented", 0.01)
     assert args.safeclip_preset_note is None
     assert (args.safeclip_inmodal_epochs, args.safeclip_crossmodal_epochs, args.safeclip_filter_lr,
-            args.safeclip_crossmodal_warmup) == (5, 1, 5e-6, 0)
+            args.safeclip_crossmodal_warmup, args.safeclip_inmodal_lr) == (5, 1, 5e-6, 0, "lr")
     assert (args.safeclip_image_aug, args.safeclip_text_aug, args.safeclip_crop_scale) == ("safeclip", "eda", 0.08)
 
 
@@ -96,6 +96,7 @@ def test_help_shows_both_groups(capsys):
     (["--safeclip-split", "topk"], "--safeclip-split needs --safeclip"),
     (["--safeclip", "--epochs", "2"], "--epochs 2 is fewer than the 3 SafeCLIP warm-up epochs"),
     (["--safeclip", "--epochs", "9", "--safeclip-filter-lr", "fast"], "expected a number or auto, got 'fast'"),
+    (["--safeclip", "--epochs", "9", "--safeclip-inmodal-lr", "0"], "--safeclip-inmodal-lr must be positive, got 0.0"),
     (["--safeclip", "--epochs", "9", "--safeclip-safe-fraction-max", "1.5"],
      "--safeclip-safe-fraction-max must be in (0, 1], got 1.5"),
     (["--safeclip", "--epochs", "9", "--safeclip-first-split-threshold", "0"],

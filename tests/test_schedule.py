@@ -206,7 +206,7 @@ def test_from_args_reads_the_flags():
     args = SimpleNamespace(safeclip_split="topk", safeclip_first_split_threshold=0.9, safeclip_safe_fraction_start=0.2,
                            safeclip_safe_fraction_step=0.01, safeclip_safe_fraction_max=0.85, safeclip_update_freq=1,
                            safeclip_safe_fraction_auto_share=0.5,
-                           safeclip_inmodal_epochs=1, safeclip_crossmodal_epochs=1, epochs=3, safeclip_inmodal_lr=None,
+                           safeclip_inmodal_epochs=1, safeclip_crossmodal_epochs=1, epochs=3, safeclip_inmodal_lr="lr",
                            lr=5e-4, safeclip_filter_lr=5e-6, warmup=0, safeclip_crossmodal_warmup=3)
     data = SimpleNamespace(num_samples=1000, dataloader=SimpleNamespace(num_batches=7), batches_for=full_batches(50))
     plan = SafeclipSchedule.from_args(args, data).plan
@@ -234,6 +234,7 @@ def test_auto_filter_lr_moves_the_weights_as_far_as_the_authors_warm_up(caplog, 
                            batches_for=full_batches(128))
     plan = SafeclipSchedule.from_args(args, data).plan
     assert plan.filter_lr == pytest.approx(filter_lr) and plan.crossmodal_warmup == ramp
+    assert plan.inmodal_lr == pytest.approx(lr / 5), "auto: the authors' CC1M ratio"
     assert (f"cross-modal warm-up of {steps_per_epoch * crossmodal_epochs} steps: --safeclip-filter-lr "
             f"{filter_lr:.3g}, --safeclip-crossmodal-warmup {ramp} (auto") in caplog.text
     inmodal_steps = steps_per_epoch
@@ -241,8 +242,9 @@ def test_auto_filter_lr_moves_the_weights_as_far_as_the_authors_warm_up(caplog, 
     if ramp:
         assert plan.warmup_lr(inmodal_steps) == pytest.approx(filter_lr / ramp)
     given = SafeclipSchedule.from_args(SimpleNamespace(**{**vars(args), "safeclip_filter_lr": 1e-4,
-                                                          "safeclip_crossmodal_warmup": 0}), data).plan
-    assert (given.filter_lr, given.crossmodal_warmup) == (1e-4, 0), "a given rate and ramp are kept"
+                                                          "safeclip_crossmodal_warmup": 0, "safeclip_inmodal_lr": 3e-4}),
+                                       data).plan
+    assert (given.filter_lr, given.crossmodal_warmup, given.inmodal_lr) == (1e-4, 0, 3e-4), "given values are kept"
 
 
 def test_a_first_split_from_a_mixture_that_does_not_separate_falls_back_to_the_start_fraction():
