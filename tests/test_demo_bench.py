@@ -275,6 +275,15 @@ def test_the_demo_trains_safeclip_with_the_measured_score_and_main_defaults_on_r
     assert (args.safeclip_inmodal_epochs, args.safeclip_crossmodal_epochs, args.safeclip_text_aug,
             args.safeclip_image_aug, args.safeclip_score, args.safeclip_safe_fraction_step) == (
         1, 2, "none", "open_clip", "neighbours", None)
+    config, flags, args = safeclip_flags_of_the_demo("--world", "tiles-noise", "--main-defaults")
+    assert (config.world_style, config.patch_kind, config.patch_location, config.target) == (
+        "tiles", "noise", "bottom-right", "rocket")
+    assert (config.poison_rate, config.epochs, flags) == (0.02, 10, ["--safeclip"])
+    from open_clip_safe import params
+
+    _, flags, _ = safeclip_flags_of_the_demo()
+    assert {params.flag_of(name) for name in params.PRESETS["measured"]} <= set(flags), \
+        "the demo gives every flag a preset sets, so its measured rows do not move with the preset"
 
 
 def test_gpu_size_of_gpu_check_gives_every_worker_its_shards():
