@@ -72,7 +72,8 @@ step "${LIMITS[0]}" "$OUT/safeclip.log" bash -c "
         --device $DEVICE --precision $PRECISION --batch-size $BATCH --workers $WORKERS --epochs 4 --lr 1e-3 \
         --warmup 10 --logs '$OUT/logs' --name safeclip --save-frequency 1 --safeclip --safeclip-inmodal-epochs 1 \
         --safeclip-crossmodal-epochs 1 --safeclip-filter-lr 1e-3 --safeclip-crossmodal-warmup 10 \
-        --safeclip-safe-fraction-step 0.25 --safeclip-memory-bank-size 512 --safeclip-text-aug $TEXT_AUG
+        --safeclip-safe-fraction-step 0.25 --safeclip-memory-bank-size 512 --safeclip-text-aug $TEXT_AUG \
+        --safeclip-image-aug safeclip
     python -m open_clip_safe.evaluate --similarity-logs '$OUT/logs/safeclip' --output '$OUT/split.json' --quiet \
         > '$OUT/split.txt'"
 echo "[2/4] data path at $IMAGE_SIZE px, $WORKERS worker(s)"
