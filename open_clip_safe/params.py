@@ -191,8 +191,7 @@ PRESETS = {
                 "safeclip_text_aug": "eda"},
 }
 # Flags that only the authors' image views read: given, they take those views from the preset.
-AUTHORS_VIEW_FLAGS = {"safeclip_crop_scale": "--safeclip-crop-scale", "safeclip_color_jitter": "--safeclip-color-jitter",
-                      "safeclip_blur_sigma": "--safeclip-blur-sigma", "safeclip_augment_on": "--safeclip-augment-on"}
+AUTHORS_VIEW_SETTINGS = ("safeclip_crop_scale", "safeclip_color_jitter", "safeclip_blur_sigma", "safeclip_augment_on")
 
 
 def shown(value):
@@ -220,7 +219,7 @@ def apply_preset(args, given, defaults):
     if "safeclip_sim_views" not in given and given.get("safeclip_score") == "neighbours":
         preset["safeclip_sim_views"] = "plain"
     if "safeclip_image_aug" not in given and any(getattr(args, name) != getattr(defaults, name)
-                                                 for name in AUTHORS_VIEW_FLAGS):
+                                                 for name in AUTHORS_VIEW_SETTINGS):
         preset["safeclip_image_aug"] = "safeclip"
     for name, value in preset.items():
         setattr(args, name, given.get(name, value))
