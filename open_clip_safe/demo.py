@@ -58,7 +58,8 @@ class DemoConfig:
 # tiles-noise: the same world with a trigger its warm-up does not learn (the glyphs' noise patch) at 2%,
 # 10 epochs: where the backdoor poisons that do reach the CLIP loss come in while the safe set grows.
 WORLDS = {"glyphs": DemoConfig(),
-          "tiles": DemoConfig(world_style="tiles", target="rocket", patch_kind="checkerboard", patch_location="top-left"),
+          "tiles": DemoConfig(world_style="tiles", target="rocket", patch_kind="checkerboard",
+                              patch_location="top-left"),
           "tiles-noise": DemoConfig(world_style="tiles", target="rocket", poison_rate=0.02, epochs=10)}
 # A smoke run of every stage: the test model (safeclip-micro) trains several times faster than the demo's
 QUICK = DemoConfig(num_train=512, num_test=128, model="safeclip-micro", epochs=3, batch_size=64, warmup=10,

@@ -16,6 +16,11 @@ class SafeclipRun:
 
     def __init__(self, args, data):
         self.schedule = SafeclipSchedule.from_args(args, data)
+        if is_master(args) and (args.safeclip_filter_lr is None or args.safeclip_crossmodal_warmup is None):
+            plan = self.schedule.plan
+            logging.info(f"SafeCLIP cross-modal warm-up of {plan.crossmodal_epochs * plan.steps_per_epoch} steps: "
+                         f"--safeclip-filter-lr {plan.filter_lr:.3g}, --safeclip-crossmodal-warmup "
+                         f"{plan.crossmodal_warmup} (auto, from the step count)")
         self.global_step = 0
         self.fresh_loader = True  # the loader get_data built serves the first epoch
         self.pending_loss_state = None

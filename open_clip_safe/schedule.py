@@ -305,13 +305,10 @@ class SafeclipSchedule:
             filter_lr = auto_filter_lr(args.lr, crossmodal_steps)
         if ramp is None:
             ramp = auto_crossmodal_warmup(filter_lr, crossmodal_steps)
-        if args.safeclip_filter_lr is None or args.safeclip_crossmodal_warmup is None:
-            logging.info(f"SafeCLIP cross-modal warm-up of {crossmodal_steps} steps: --safeclip-filter-lr "
-                         f"{filter_lr:.3g}, --safeclip-crossmodal-warmup {ramp} (auto, from the step count)")
         return cls(rule=rule, inmodal_epochs=args.safeclip_inmodal_epochs,
                    crossmodal_epochs=args.safeclip_crossmodal_epochs, epochs=args.epochs,
-                   num_samples=data.num_samples, steps_per_epoch=steps_per_epoch,
-                   steps_for=data.batches_for, inmodal_lr=resolve_inmodal_lr(args.safeclip_inmodal_lr, args.lr), cross_lr=args.lr,
+                   num_samples=data.num_samples, steps_per_epoch=steps_per_epoch, steps_for=data.batches_for,
+                   inmodal_lr=resolve_inmodal_lr(args.safeclip_inmodal_lr, args.lr), cross_lr=args.lr,
                    filter_lr=filter_lr, warmup=args.warmup, crossmodal_warmup=ramp)
 
     @property

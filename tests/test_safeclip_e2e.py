@@ -20,7 +20,8 @@ def safeclip_flags(train_data, logs, name, extra=()):
             "--safeclip", "--safeclip-inmodal-epochs", "1", "--safeclip-crossmodal-epochs", "1",
             "--safeclip-filter-lr", "1e-4", "--safeclip-safe-fraction-step", "0.25",
             "--safeclip-safe-fraction-max", "0.6", "--safeclip-memory-bank-size", "64",
-            "--safeclip-image-aug", "safeclip", "--safeclip-text-aug", "eda", *extra]  # the paths the authors' views take
+            # the authors' views and EDA captions: the paths these tests were written for
+            "--safeclip-image-aug", "safeclip", "--safeclip-text-aug", "eda", *extra]
 
 
 def phases_logged(log):

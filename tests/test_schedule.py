@@ -232,7 +232,11 @@ def test_auto_filter_lr_moves_the_weights_as_far_as_the_authors_warm_up(caplog, 
                            safeclip_filter_lr=None, warmup=0, safeclip_crossmodal_warmup=None)
     data = SimpleNamespace(num_samples=steps_per_epoch * 128, dataloader=SimpleNamespace(num_batches=steps_per_epoch),
                            batches_for=full_batches(128))
-    plan = SafeclipSchedule.from_args(args, data).plan
+    from open_clip_safe.safeclip import SafeclipRun
+
+    SafeclipRun(SimpleNamespace(**vars(args), rank=1), data)
+    assert "cross-modal warm-up of" not in caplog.text, "only the master logs"
+    plan = SafeclipRun(SimpleNamespace(**vars(args), rank=0), data).plan
     assert plan.filter_lr == pytest.approx(filter_lr) and plan.crossmodal_warmup == ramp
     assert plan.inmodal_lr == pytest.approx(lr / 5), "auto: the authors' CC1M ratio"
     assert (f"cross-modal warm-up of {steps_per_epoch * crossmodal_epochs} steps: --safeclip-filter-lr "
