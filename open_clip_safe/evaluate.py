@@ -238,6 +238,9 @@ def evaluate_model(model, preprocess, tokenizer, test_set, classnames, templates
     target = class_index(classnames, backdoor_card["target"], "target") if backdoor else None
     prepare = Prepared(preprocess, backdoor_card)
     total = top1 = top5 = triggered = hits = untriggered_hits = 0
+    # per true class: where a residual backdoor sits (classes that look like the target, or all of them)
+    triggered_by_class = torch.zeros(len(classnames), dtype=torch.long)
+    hits_by_class = torch.zeros(len(classnames), dtype=torch.long)
     batches = test_loader(test_set, prepare, batch_size, workers)
     for clean, trigger, labels in cli.progress(batches, enabled=progress, desc="evaluate", unit="batch"):
         if labels.min() < 0 or labels.max() >= len(classnames):
@@ -253,6 +256,8 @@ def evaluate_model(model, preprocess, tokenizer, test_set, classnames, templates
                 attacked = zero_shot.topk(trigger[eligible], 1)[:, 0]
                 triggered += int(eligible.sum())
                 hits += int((attacked == target).sum())
+                triggered_by_class += torch.bincount(labels[eligible], minlength=len(classnames))
+                hits_by_class += torch.bincount(labels[eligible][attacked == target], minlength=len(classnames))
                 untriggered_hits += int((predicted[eligible, 0] == target).sum())
     if total == 0:
         raise EvaluationError(f"{test_set.name}: no test samples")
@@ -263,7 +268,10 @@ def evaluate_model(model, preprocess, tokenizer, test_set, classnames, templates
         result["backdoor"] = {"attack": backdoor_card["attack"], "target": backdoor_card["target"],
                               "num_triggered": triggered, "asr": hits / triggered if triggered else None,
                               # the same images without the trigger: what a weak model calls the target anyway
-                              "untriggered_rate": untriggered_hits / triggered if triggered else None}
+                              "untriggered_rate": untriggered_hits / triggered if triggered else None,
+                              "by_class": {classnames[c]: {"triggered": int(triggered_by_class[c]),
+                                                           "hits": int(hits_by_class[c])}
+                                           for c in range(len(classnames)) if triggered_by_class[c]}}
     if targeted_card is not None:
         result["targeted"] = targeted_success(zero_shot, preprocess, targeted_card, classnames)
     return result
@@ -288,6 +296,9 @@ def targeted_success(zero_shot, preprocess, card, classnames):
 # ---------------------------------------------------------------- report
 
 
+BY_CLASS_SHOWN = 5  # the table's line names the classes with the most hits; --output has them all
+
+
 def result_table(result):
     rows = [("test set", f"{result['test_data']} ({result['num_test']} images, {result['num_classes']} classes)"),
             ("zero-shot top-1", percent(result["top1"])), ("zero-shot top-5", percent(result["top5"]))]
@@ -296,6 +307,12 @@ def result_table(result):
         rows.append((f"backdoor ASR ({b['attack']} -> {b['target']})",
                      f"{percent(b['asr'])} of {b['num_triggered']} triggered images (without the trigger: "
                      f"{percent(b['untriggered_rate'])})"))
+        most = sorted(((row["hits"], name, row["triggered"]) for name, row in b["by_class"].items() if row["hits"]),
+                      key=lambda hit: (-hit[0], hit[1]))
+        if most:
+            shown = ", ".join(f"{name} {hits} of {count}" for hits, name, count in most[:BY_CLASS_SHOWN])
+            more = f" (+{len(most) - BY_CLASS_SHOWN} more classes)" if len(most) > BY_CLASS_SHOWN else ""
+            rows.append(("backdoor hits by true class", shown + more))
     if result["targeted"]:
         t = result["targeted"]
         hits = sum(row["success"] for row in t["targets"])

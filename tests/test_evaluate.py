@@ -136,9 +136,28 @@ def test_backdoor_asr_comes_with_the_rate_without_the_trigger(tmp_path, badnets_
     assert backdoor["num_triggered"] == 4, "the target's own images are not counted"
     assert backdoor["untriggered_rate"] == pytest.approx(2 / 4)
     assert backdoor["asr"] == pytest.approx(3 / 4)  # the oracle: the trigger works on even shown classes
-    assert "75.0% of 4 triggered images (without the trigger: 50.0%)" in result_table(
-        {"test_data": "t", "num_test": 5, "num_classes": 20, "top1": 0.4, "top5": 1.0, "backdoor": backdoor,
-         "targeted": None})
+    table = result_table({"test_data": "t", "num_test": 5, "num_classes": 20, "top1": 0.4, "top5": 1.0,
+                          "backdoor": backdoor, "targeted": None})
+    assert "75.0% of 4 triggered images (without the trigger: 50.0%)" in table
+    # where the hits sit, by the images' true class: every eligible class counted, hits only where they fell
+    assert backdoor["by_class"] == {CLASSES[label]: {"triggered": 1, "hits": int(label != 3)} for label in (3, 4, 5, 6)}
+    hit_classes = sorted(CLASSES[label] for label in (4, 5, 6))
+    assert f"backdoor hits by true class  {', '.join(f'{name} 1 of 1' for name in hit_classes)}" in table
+    assert CLASSES[3] not in table
+
+
+def test_the_table_names_the_classes_with_the_most_backdoor_hits():
+    by_class = {name: {"triggered": 10, "hits": hits} for name, hits in zip(CLASSES, (0, 3, 1, 7, 1, 2, 2, 5))}
+    backdoor = {"attack": "badnets", "target": "banana", "num_triggered": 80, "asr": 21 / 80,
+                "untriggered_rate": 0.0, "by_class": by_class}
+    table = result_table({"test_data": "t", "num_test": 90, "num_classes": 20, "top1": 0.5, "top5": 0.9,
+                          "backdoor": backdoor, "targeted": None})
+    line = next(row for row in table.splitlines() if row.startswith("backdoor hits by true class"))
+    names = CLASSES[:8]
+    # most hits first, ties by name; five shown, the other classes with hits counted
+    top = sorted(((hits, name) for name, hits in zip(names, (0, 3, 1, 7, 1, 2, 2, 5)) if hits),
+                 key=lambda hit: (-hit[0], hit[1]))
+    assert line.endswith(", ".join(f"{name} {hits} of 10" for hits, name in top[:5]) + " (+2 more classes)")
 
 
 @pytest.mark.slow
