@@ -318,6 +318,11 @@ def safeclip_parser():
                        help="What the similarity pass embeds: view 1, augmented (the authors), or the image as "
                             "open_clip's eval preprocess gives it with the raw caption (a deterministic score)"
                             + preset_defaults("safeclip_sim_views"))
+    group.add_argument("--safeclip-oracle-split", action="store_true",
+                       help="A bound to measure against, not a defense: the split also ranks last every sample "
+                            "whose metadata marks it poisoned (the 'poisoned' field open_clip_safe.attacks writes), "
+                            "so the safe sets hold no poison while places remain; what is left is what any split "
+                            "would leave (e.g. learned in the warm-up).")
     group.add_argument("--safeclip-fast", action="store_true",
                        help="Split mixed epochs after the first by the image-caption cosines the training steps "
                             "compute (mean of the two views) instead of a separate similarity pass.")
@@ -439,6 +444,29 @@ def check_safeclip_args(args, defaults):
         raise UsageError(f"--safeclip does not support {unsupported[0]}")
     if not args.train_data:
         raise UsageError("--safeclip needs --train-data")
+    if args.safeclip_oracle_split:
+        check_poison_metadata(args)
+
+
+def check_poison_metadata(args):
+    """--safeclip-oracle-split reads which samples are poisoned from the training data's own metadata: the
+    first local shard's first json, or the CSV's columns, must carry the field open_clip_safe.attacks writes."""
+    if dataset_kind(args.train_data, args.dataset_type) == "csv":
+        if not is_remote(args.train_data) and "poisoned" not in pd.read_csv(args.train_data, sep=args.csv_separator,
+                                                                            nrows=1).columns:
+            raise UsageError(f"--safeclip-oracle-split: {args.train_data} has no 'poisoned' column (the metadata "
+                             f"open_clip_safe.attacks writes)")
+        return
+    local = [shard for shard in shard_list(args.train_data) if not is_remote(shard)]
+    if not local:
+        return  # remote shards: the first split checks the pass's metadata instead
+    with tarfile.open(local[0]) as tar:
+        member = next((m for m in tar if m.name.endswith(".json")), None)
+        meta = json.load(tar.extractfile(member)) if member is not None else {}
+    if "poisoned" not in meta:
+        where = f"its first sample's {member.name}" if member is not None else "no json"
+        raise UsageError(f"--safeclip-oracle-split: {local[0]} has {where} without a 'poisoned' field (the "
+                         f"metadata open_clip_safe.attacks writes)")
 
 
 def print_help(parser):

@@ -207,6 +207,17 @@ def train_one_epoch(model, data, loss, epoch, optimizer, scaler, scheduler, dist
     state.save(args, run, loss, epoch + 1)
 
 
+def oracle_flags(result, flagged, epoch):
+    """--safeclip-oracle-split (rank 0): the poisoned samples join the flagged ones, which the split ranks last."""
+    poisoned = result.poisoned
+    if poisoned is None:
+        raise UsageError("--safeclip-oracle-split: no training sample's metadata says whether it is poisoned (the "
+                         "'poisoned' field open_clip_safe.attacks writes)")
+    logging.info(f"SafeCLIP epoch {epoch}: --safeclip-oracle-split ranks the {int(poisoned.sum())} samples the "
+                 f"metadata marks poisoned last (a bound, not a defense)")
+    return poisoned if flagged is None else flagged | poisoned
+
+
 def mixed_epoch(model, train, loss, epoch, optimizer, scaler, args, run, tb_writer):
     """The split (from a similarity pass, or in fast mode from the last mixed epoch's training steps),
     its log and report, then the risky and the safe sub-epoch."""
@@ -217,7 +228,10 @@ def mixed_epoch(model, train, loss, epoch, optimizer, scaler, args, run, tb_writ
     signal = second_signal(args, result) if args.safeclip_score == "neighbours" else None
     split = None
     if args.rank == 0:
-        split = run.schedule.split(epoch, result.similarity, None if signal is None else signal["flagged"])
+        flagged = None if signal is None else signal["flagged"]
+        if args.safeclip_oracle_split:
+            flagged = oracle_flags(result, flagged, epoch)
+        split = run.schedule.split(epoch, result.similarity, flagged)
         if split.fallback:
             logging.warning(f"SafeCLIP epoch {epoch}: the first split is blind: {split.fallback}; the safe set is "
                             f"the top --safeclip-safe-fraction-start {run.schedule.rule.fraction_start:g} by clean "

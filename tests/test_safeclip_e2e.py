@@ -225,6 +225,34 @@ def test_views_finished_on_the_device_through_a_mixed_epoch(poisoned_world, tmp_
     assert len(table) == poisoned_world["num_samples"] and table["similarity"].between(-1, 1).all()
 
 
+@pytest.mark.slow
+def test_the_oracle_split_ranks_every_poisoned_sample_last(poisoned_world, world, tmp_path, wordnet, train_in_process):
+    """--safeclip-oracle-split: the metadata's poisoned samples rank below all others (score = clean
+    probability - 2), so no poison is in the safe set; data without that metadata is refused up front."""
+    flags = safeclip_flags(poisoned_world["shards"], tmp_path, "oracle",
+                           ["--safeclip-oracle-split", "--safeclip-score", "mixture"])
+    flags[flags.index("--epochs") + 1] = "3"
+    result = train_in_process(*flags)
+    assert result.returncode == 0, result.stderr[-4000:]
+    log = (tmp_path / "oracle" / "out.log").read_text()
+    assert (f"SafeCLIP epoch 2: --safeclip-oracle-split ranks the {poisoned_world['num_poisoned']} samples the "
+            "metadata marks poisoned last") in log
+    table = pq.read_table(tmp_path / "oracle" / "similarity" / "epoch_002.parquet").to_pandas()
+    poisoned = table["poisoned"].astype(bool)
+    assert poisoned.sum() == poisoned_world["num_poisoned"] and 0 < table["safe"].sum() < (~poisoned).sum()
+    assert (table["score"][poisoned] - (table["clean_prob"][poisoned] - 2)).abs().max() < 1e-5
+    assert (table["score"][~poisoned] == table["clean_prob"][~poisoned]).all()
+    assert not (table["safe"] & poisoned).any()
+
+    clean = safeclip_flags(world["splits"]["train"]["shards"], tmp_path, "no-metadata", ["--safeclip-oracle-split"])
+    refused = train_in_process(*clean)
+    assert refused.returncode == 2
+    first_shard = world["splits"]["train"]["shards"].replace("{000000..000003}", "000000")
+    assert refused.stderr.strip().splitlines() == [
+        f"open_clip_safe.main: error: --safeclip-oracle-split: {first_shard} has its first sample's "
+        f"train_0000000.json without a 'poisoned' field (the metadata open_clip_safe.attacks writes)"]
+
+
 @pytest.fixture
 def fake_wandb(tmp_path, monkeypatch):
     """tests/fakes/wandb as open_clip's main and train modules see it; its calls in the returned list."""
