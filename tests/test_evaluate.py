@@ -142,7 +142,8 @@ def test_backdoor_asr_comes_with_the_rate_without_the_trigger(tmp_path, badnets_
     # where the hits sit, by the images' true class: every eligible class counted, hits only where they fell
     assert backdoor["by_class"] == {CLASSES[label]: {"triggered": 1, "hits": int(label != 3)} for label in (3, 4, 5, 6)}
     hit_classes = sorted(CLASSES[label] for label in (4, 5, 6))
-    assert f"backdoor hits by true class  {', '.join(f'{name} 1 of 1' for name in hit_classes)}" in table
+    line = next(row for row in table.splitlines() if row.startswith("backdoor hits by true class"))
+    assert line.split("  ")[-1].strip() == ", ".join(f"{name} 1 of 1" for name in hit_classes)
     assert CLASSES[3] not in table
 
 
