@@ -450,22 +450,23 @@ def check_safeclip_args(args, defaults):
 
 def check_poison_metadata(args):
     """--safeclip-oracle-split reads which samples are poisoned from the training data's own metadata: the
-    first local shard's first json, or the CSV's columns, must carry the field open_clip_safe.attacks writes."""
+    first shard's first json, or the CSV's columns, must carry the field open_clip_safe.attacks writes. Checked
+    here, on every rank, so that no rank waits on a rank 0 that finds no metadata at the first split."""
+    if any(is_remote(source) for source in shard_list(args.train_data)):
+        raise UsageError(f"--safeclip-oracle-split reads the poison metadata of local data; {args.train_data} is "
+                         f"remote")
     if dataset_kind(args.train_data, args.dataset_type) == "csv":
-        if not is_remote(args.train_data) and "poisoned" not in pd.read_csv(args.train_data, sep=args.csv_separator,
-                                                                            nrows=1).columns:
+        if "poisoned" not in pd.read_csv(args.train_data, sep=args.csv_separator, nrows=1).columns:
             raise UsageError(f"--safeclip-oracle-split: {args.train_data} has no 'poisoned' column (the metadata "
                              f"open_clip_safe.attacks writes)")
         return
-    local = [shard for shard in shard_list(args.train_data) if not is_remote(shard)]
-    if not local:
-        return  # remote shards: the first split checks the pass's metadata instead
-    with tarfile.open(local[0]) as tar:
+    first_shard = shard_list(args.train_data)[0]
+    with tarfile.open(first_shard) as tar:
         member = next((m for m in tar if m.name.endswith(".json")), None)
         meta = json.load(tar.extractfile(member)) if member is not None else {}
     if "poisoned" not in meta:
         where = f"its first sample's {member.name}" if member is not None else "no json"
-        raise UsageError(f"--safeclip-oracle-split: {local[0]} has {where} without a 'poisoned' field (the "
+        raise UsageError(f"--safeclip-oracle-split: {first_shard} has {where} without a 'poisoned' field (the "
                          f"metadata open_clip_safe.attacks writes)")
 
 

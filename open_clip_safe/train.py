@@ -208,11 +208,9 @@ def train_one_epoch(model, data, loss, epoch, optimizer, scaler, scheduler, dist
 
 
 def oracle_flags(result, flagged, epoch):
-    """--safeclip-oracle-split (rank 0): the poisoned samples join the flagged ones, which the split ranks last."""
+    """--safeclip-oracle-split (rank 0): the poisoned samples join the flagged ones, which the split ranks last
+    (params.check_poison_metadata made sure before training that the data's metadata says which they are)."""
     poisoned = result.poisoned
-    if poisoned is None:
-        raise UsageError("--safeclip-oracle-split: no training sample's metadata says whether it is poisoned (the "
-                         "'poisoned' field open_clip_safe.attacks writes)")
     logging.info(f"SafeCLIP epoch {epoch}: --safeclip-oracle-split ranks the {int(poisoned.sum())} samples the "
                  f"metadata marks poisoned last (a bound, not a defense)")
     return poisoned if flagged is None else flagged | poisoned

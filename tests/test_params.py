@@ -136,6 +136,7 @@ def test_help_shows_both_groups(capsys):
     (["--safeclip", "--epochs", "9", "--safeclip-fast", "--safeclip-score", "neighbours"],
      "--safeclip-fast cannot take --safeclip-score neighbours"),
     (["--safeclip", "--epochs", "9", "--safeclip-preset", "paper"], "invalid choice: 'paper'"),
+    (["--safeclip-oracle-split"], "--safeclip-oracle-split needs --safeclip"),
 ])
 def test_invalid_safeclip_settings(world, capsys, flags, message):
     with pytest.raises(SystemExit) as exit_info:
@@ -143,6 +144,17 @@ def test_invalid_safeclip_settings(world, capsys, flags, message):
     assert exit_info.value.code == 2
     error = capsys.readouterr().err.strip()
     assert error.count("\n") == 0 and message in error, error
+
+
+def test_the_oracle_split_on_remote_data_is_refused_before_training(capsys):
+    """Only rank 0 would see, at the first split, that remote data carries no poison metadata; so every
+    rank refuses up front, where the metadata cannot be read first."""
+    with pytest.raises(SystemExit) as exit_info:
+        params.parse_args(["--train-data", "s3://bucket/{000000..000003}.tar", "--train-num-samples", "100",
+                           "--workers", "1", "--safeclip", "--epochs", "9", "--safeclip-oracle-split"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip() == ("open_clip_safe.main: error: --safeclip-oracle-split reads the poison "
+                                               "metadata of local data; s3://bucket/{000000..000003}.tar is remote")
 
 
 def test_device_augmentation_without_that_device_is_one_line(world, capsys, monkeypatch):
