@@ -11,6 +11,7 @@ across ranks exactly as open_clip's ClipLoss gathers (image, text) pairs. Under 
 - gather_with_grad=False, local_loss=True: the loss averaged over ranks is the global loss; the
   gradients miss the key-side terms of other ranks' rows (as for open_clip's ClipLoss).
 """
+import numpy as np
 import open_clip
 import torch
 import torch.distributed as dist
@@ -120,6 +121,36 @@ class CrossAugClipLoss(GatheredContrastive):
         return {"contrastive_loss": (image_to_text + text_to_image) / 2}
 
 
+def sorted_members(sorted_ids, ids):
+    """Which of `ids` are in `sorted_ids` (np.isin sorts both on every call; this searches the sorted one)."""
+    if not len(sorted_ids):
+        return np.zeros(len(ids), dtype=bool)
+    return sorted_ids[np.clip(np.searchsorted(sorted_ids, ids), 0, len(sorted_ids) - 1)] == ids
+
+
+class UnlearnSuspects(nn.Module):
+    """Pushes a suspect's image views off its own caption: relu(scale * cos), over the batch and both views.
+
+    The warm-up trains on every sample, so keeping poisons out of the safe sets cannot take back what it
+    learned of a trigger (docs/defense.md#unlearning-the-suspects); this does, for the suspects. Caption and
+    scale are detached: the caption (a target class's, say) stays where the safe set puts it, and the loss
+    cannot shrink the scale. A view orthogonal to its caption is pushed no further."""
+
+    def for_suspects(self, suspect_ids):
+        suspect_ids = np.sort(np.asarray(suspect_ids, dtype=np.int64))
+
+        def unlearn(ids, image_v1, image_v2, text_v1, logit_scale):
+            suspect = torch.from_numpy(sorted_members(suspect_ids, np.asarray(ids, dtype=np.int64)))
+            suspect = suspect.to(image_v1.device)
+            return self(image_v1, image_v2, text_v1, suspect, logit_scale)
+        return unlearn
+
+    def forward(self, image_v1, image_v2, text_v1, suspect, logit_scale):
+        caption, scale = text_v1.detach(), logit_scale.detach()
+        push = F.relu(scale * (image_v1 * caption).sum(-1)) + F.relu(scale * (image_v2 * caption).sum(-1))
+        return {"unlearn_loss": (push * suspect).sum() / (2 * len(push))}
+
+
 def embed_dim_of(model_name):
     config = open_clip.get_model_config(model_name)
     if config is None:
@@ -138,3 +169,4 @@ class SafeclipLosses(nn.Module):
         self.inmodal = InModalLoss(bank_size=bank_size, embed_dim=embed_dim_of(args.model) if bank_size else None,
                                    **clip_loss_args)
         self.clip = CrossAugClipLoss(cross_aug=args.safeclip_cross_aug, **clip_loss_args)
+        self.unlearn = UnlearnSuspects()

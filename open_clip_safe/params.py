@@ -323,6 +323,9 @@ def safeclip_parser():
                             "whose metadata marks it poisoned (the 'poisoned' field open_clip_safe.attacks writes), "
                             "so the safe sets hold no poison while places remain; what is left is what any split "
                             "would leave (e.g. learned in the warm-up).")
+    group.add_argument("--safeclip-unlearn-fraction", type=float, default=0.0,
+                       help="Each mixed epoch's risky sub-epoch also pushes the image views of the samples ranked "
+                            "lowest at the split, this share of all samples, off their own captions (0: off).")
     group.add_argument("--safeclip-fast", action="store_true",
                        help="Split mixed epochs after the first by the image-caption cosines the training steps "
                             "compute (mean of the two views) instead of a separate similarity pass.")
@@ -408,6 +411,7 @@ def check_safeclip_args(args, defaults):
     if args.safeclip_safe_fraction_step is not None:
         check_fraction(args.safeclip_safe_fraction_step, "--safeclip-safe-fraction-step", low_open=False)
     check_fraction(args.safeclip_safe_fraction_auto_share, "--safeclip-safe-fraction-auto-share")
+    check_fraction(args.safeclip_unlearn_fraction, "--safeclip-unlearn-fraction", low_open=False)
     if not 0 <= args.safeclip_score_quantile < 1:
         raise UsageError(f"--safeclip-score-quantile must be in [0, 1), got {args.safeclip_score_quantile}")
     if args.safeclip_fast and args.safeclip_score == "neighbours":

@@ -20,9 +20,10 @@ import open_clip_train.train as open_clip_train_train
 
 from open_clip_safe import collectives, state
 from open_clip_safe.cli import UsageError
-from open_clip_safe.data import SplitLookup
+from open_clip_safe.data import POISON_KINDS, SplitLookup
 from open_clip_safe.diagnostics import clean_moved_to_risky, detector_line, detector_metrics
 from open_clip_safe.neighbours import second_signal
+from open_clip_safe.schedule import top_fraction_mask
 from open_clip_safe.similarity import similarity_pass, write_log
 from open_clip_safe.training_scores import TrainingScores, pair_cosines
 
@@ -97,7 +98,7 @@ def report(args, tb_writer, values, step):
 
 
 def run_steps(model, loader, loss_fn, optimizer, scaler, lr_at, args, epoch, tag, run, tb_writer, scores=None,
-              finish_images=None):
+              finish_images=None, unlearn=None):
     """Train on every batch of `loader` with `loss_fn`; `lr_at(i)` gives the i-th step's learning rate.
     `scores` (fast mode's TrainingScores) records every sample's image-caption cosine; `finish_images`
     (TwoViews.on_device) completes the image views on the device."""
@@ -129,6 +130,8 @@ def run_steps(model, loader, loss_fn, optimizer, scaler, lr_at, args, epoch, tag
                 image_v1 = image_v2 = out["image_features"]
                 text_v1 = text_v2 = out["text_features"]
             losses = loss_fn(image_v1, image_v2, text_v1, text_v2, out["logit_scale"])
+            if unlearn is not None:
+                losses.update(unlearn(ids, image_v1, image_v2, text_v1, out["logit_scale"]))
             if scores is not None:
                 scores.record(ids, pair_cosines(image_v1, image_v2, text_v1, text_v2))
             total = sum(losses.values())
@@ -263,6 +266,14 @@ def mixed_epoch(model, train, loss, epoch, optimizer, scaler, args, run, tb_writ
             scalars.update({f"split_{name}_{field}": value for name, figures in detector.items() if figures
                             for field, value in figures.items() if field != "samples"})
         report(args, tb_writer, scalars, run.global_step)
+    unlearn = None
+    if args.safeclip_unlearn_fraction:
+        suspect = None if split is None else suspect_mask(split, args.safeclip_unlearn_fraction)
+        suspect = broadcast_split(args, suspect, result.num_samples)
+        unlearn = loss.unlearn.for_suspects(result.ids[suspect])
+        if is_master(args):
+            logging.info(f"SafeCLIP epoch {epoch}: unlearning {int(suspect.sum())} suspects on the risky side"
+                         f"{suspect_note(result, suspect)}")
     keep_scores = args.safeclip_fast and epoch + 1 < args.epochs
     scores = TrainingScores(result, args.rank) if keep_scores else None
     lookup = SplitLookup(result.ids.copy() if keep_scores else result.ids, safe)  # takes over the array
@@ -278,9 +289,24 @@ def mixed_epoch(model, train, loss, epoch, optimizer, scaler, args, run, tb_writ
         steps_before = run.plan.sub_epoch_steps_before(epoch, tag)
         run_steps(model, loader, loss_fn, optimizer, scaler,
                   lambda i, tag=tag, before=steps_before: run.plan.sub_epoch_lr(tag, before + i),
-                  args, epoch, tag, run, tb_writer, scores, train.views.on_device)
+                  args, epoch, tag, run, tb_writer, scores, train.views.on_device, None if want_safe else unlearn)
     if scores is not None:
         run.training_scores = scores.collect(args)
+
+
+def suspect_mask(split, fraction):
+    """The lowest `fraction` of the split's ranking on the risky side: the samples most likely poisoned."""
+    suspect = top_fraction_mask(-split.score, fraction, tiebreak=-split.clean_prob)
+    return suspect & ~split.safe
+
+
+def suspect_note(result, suspect):
+    """How many suspects the data's metadata marks poisoned, by kind (where it says)."""
+    if result.poisoned is None:
+        return ""
+    kinds = [f"{kind} {int((suspect & (result.poison == code)).sum())}" for code, kind in enumerate(POISON_KINDS)
+             if code and (result.poison == code).any()]
+    return f", poisoned: {', '.join(kinds)}"
 
 
 def similarity_note(result):

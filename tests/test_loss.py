@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 
-from open_clip_safe.loss import CrossAugClipLoss, InModalLoss, NearestNeighbourBank, SafeclipLosses
+from open_clip_safe.loss import (CrossAugClipLoss, InModalLoss, NearestNeighbourBank, SafeclipLosses, UnlearnSuspects,
+                                 sorted_members)
 
 GLOBAL_BATCH, INPUT_DIM, EMBED_DIM, BANK_SIZE, STEPS, WORLD = 8, 12, 6, 12, 3, 2
 CONFIGS = [(kind, bank, local, with_grad)
@@ -191,6 +192,31 @@ def test_losses_from_args_and_bank_state_round_trip():
     assert losses.clip.needs_both_views and losses.inmodal.needs_both_views
     no_bank = SafeclipLosses(SimpleNamespace(**{**vars(args), "safeclip_memory_bank_size": 0, "model": "unknown"}))
     assert no_bank.state_dict() == {}
+
+
+def test_unlearning_pushes_only_the_suspects_images_off_their_own_captions():
+    image_v1, image_v2, text_v1, _ = features(batch=4, dim=3)
+    image_v1 = torch.tensor([[1.0, 0, 0], [1, 0, 0], [0, 1, 0], [1, 0, 0]])
+    text_v1 = torch.tensor([[0.6, 0.8, 0], [0.6, 0.8, 0], [0, 0, 1], [-1, 0, 0]])  # cos 0.6, 0.6, 0, -1
+    image_v1.requires_grad_(True), image_v2.requires_grad_(True), text_v1.requires_grad_(True)
+    scale = torch.tensor(10.0, requires_grad=True)
+    suspect = torch.tensor([True, False, True, True])
+    loss = UnlearnSuspects()(image_v1, image_v2, text_v1, suspect, scale)["unlearn_loss"]
+    push_v2 = F.relu(10 * (image_v2 * text_v1).sum(-1))[suspect].sum()
+    torch.testing.assert_close(loss, (10 * 0.6 + push_v2) / 8)  # sample 2 orthogonal, 3 opposite: no push
+    loss.backward()
+    assert text_v1.grad is None and scale.grad is None, "the caption and the scale stay where they are"
+    torch.testing.assert_close(image_v1.grad[0], 10 * text_v1[0].detach() / 8)  # gradient descent lowers the cosine
+    assert not image_v1.grad[1:].any() and not image_v2.grad[1].any(), "no push on a clean sample or a cosine <= 0"
+
+
+def test_unlearning_finds_its_suspects_by_id():
+    suspects = UnlearnSuspects().for_suspects(torch.tensor([90, 7, 42]).numpy())
+    image = F.normalize(torch.ones(4, 3), dim=-1)
+    pushed = suspects(torch.tensor([42, 8, 90, 91]), image, image, image, torch.tensor(1.0))["unlearn_loss"]
+    torch.testing.assert_close(pushed, torch.tensor(2 * 2 / 8))  # ids 42 and 90, cosine 1, both views
+    assert sorted_members(torch.tensor([3, 5]).numpy(), torch.tensor([5, 4, 9, 3]).numpy()).tolist() == [True, False, False, True]
+    assert sorted_members(torch.tensor([], dtype=torch.long).numpy(), torch.tensor([5]).numpy()).tolist() == [False]
 
 
 if __name__ == "__main__":

@@ -199,7 +199,8 @@ def test_two_ranks_under_an_nccl_group_with_node_local_logs_and_wandb(poisoned_w
     pythonpath = os.pathsep.join([os.path.join(REPO, "tests", "fakes"), os.environ.get("PYTHONPATH", "")])
     codes, outputs = launch_two_ranks(
         tmp_path, lambda rank: flags(poisoned_world["shards"], tmp_path / f"node{rank}", "run")
-        + ["--report-to", "wandb", "--safeclip-score", "neighbours", "--safeclip-sim-views", "plain"], PYTHONPATH=pythonpath, FAKE_WANDB_DIR=wandb_dir)
+        + ["--report-to", "wandb", "--safeclip-score", "neighbours", "--safeclip-sim-views", "plain",
+           "--safeclip-unlearn-fraction", "0.1"], PYTHONPATH=pythonpath, FAKE_WANDB_DIR=wandb_dir)
     assert codes == [0, 0], "\n".join(output[-3000:] for output in outputs)
 
     # collectives: SafeCLIP's host arrays on a gloo group of their own, CPU tensors only; the training
@@ -230,6 +231,7 @@ def test_two_ranks_under_an_nccl_group_with_node_local_logs_and_wandb(poisoned_w
     assert "\r" not in outputs[0] and "similarity pass (epoch 1): " in log
     assert re.search(r"SafeCLIP epoch 1: split as a poison detector: ROC AUC [01]\.\d{3}; TPR ", log)
     assert re.search(r"SafeCLIP epoch 2: second signal [\d.]+s against 256 reference samples: flagged \d+", log)
+    assert f"SafeCLIP epoch 2: unlearning {round(0.1 * poisoned_world['num_samples'])} suspects" in log
 
     # wandb: only the master logs, after its wandb.init
     rank0_calls = [json.loads(line) for line in (wandb_dir / "rank0.jsonl").read_text().splitlines()]

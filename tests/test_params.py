@@ -103,6 +103,8 @@ def test_help_shows_both_groups(capsys):
      "--safeclip-first-split-threshold must be in (0, 1]"),
     (["--safeclip", "--epochs", "9", "--safeclip-safe-fraction-step", "-0.1"],
      "--safeclip-safe-fraction-step must be in [0, 1]"),
+    (["--safeclip", "--epochs", "9", "--safeclip-unlearn-fraction", "1.5"],
+     "--safeclip-unlearn-fraction must be in [0, 1], got 1.5"),
     (["--safeclip", "--epochs", "9", "--accum-freq", "2"], "--safeclip does not support --accum-freq > 1"),
     (["--safeclip", "--epochs", "9", "--siglip"], "--safeclip does not support --siglip"),
     (["--safeclip", "--epochs", "9", "--model", "ViT-B-16-SigLIP"],

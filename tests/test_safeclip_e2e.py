@@ -228,15 +228,19 @@ def test_views_finished_on_the_device_through_a_mixed_epoch(poisoned_world, tmp_
 @pytest.mark.slow
 def test_the_oracle_split_ranks_every_poisoned_sample_last(poisoned_world, world, tmp_path, wordnet, train_in_process):
     """--safeclip-oracle-split: the metadata's poisoned samples rank below all others (score = clean
-    probability - 2), so no poison is in the safe set; data without that metadata is refused up front."""
+    probability - 2), so no poison is in the safe set; data without that metadata is refused up front.
+    --safeclip-unlearn-fraction takes the lowest ranked on the risky side as its suspects: every poison here."""
     flags = safeclip_flags(poisoned_world["shards"], tmp_path, "oracle",
-                           ["--safeclip-oracle-split", "--safeclip-score", "mixture"])
+                           ["--safeclip-oracle-split", "--safeclip-score", "mixture", "--safeclip-unlearn-fraction", "0.1"])
     flags[flags.index("--epochs") + 1] = "3"
     result = train_in_process(*flags)
     assert result.returncode == 0, result.stderr[-4000:]
     log = (tmp_path / "oracle" / "out.log").read_text()
     assert (f"SafeCLIP epoch 2: --safeclip-oracle-split ranks the {poisoned_world['num_poisoned']} samples the "
             "metadata marks poisoned last") in log
+    assert (f"SafeCLIP epoch 2: unlearning {round(0.1 * poisoned_world['num_samples'])} suspects on the risky side, "
+            f"poisoned: other {poisoned_world['num_poisoned']}") in log
+    assert re.search(r"Train Epoch: 2 risky .* Unlearn_loss: \d", log) and not re.search(r"safe .*Unlearn_loss", log)
     table = pq.read_table(tmp_path / "oracle" / "similarity" / "epoch_002.parquet").to_pandas()
     poisoned = table["poisoned"].astype(bool)
     assert poisoned.sum() == poisoned_world["num_poisoned"] and 0 < table["safe"].sum() < (~poisoned).sum()
