@@ -314,7 +314,7 @@ def split_memory_rank(rank, world_size, port, num_samples, results):
 
     from open_clip_safe.data import SplitLookup
     from open_clip_safe.schedule import SplitRule, gmm_clean_probability, top_fraction_mask
-    from open_clip_safe.train import broadcast_split
+    from open_clip_safe.train import broadcast_mask
     from open_clip_safe import collectives
 
     torch.set_num_threads(1)
@@ -338,7 +338,7 @@ def split_memory_rank(rank, world_size, port, num_samples, results):
         score = gmm_clean_probability(all_sims)
         safe = top_fraction_mask(score, SplitRule().fraction_max, tiebreak=all_sims)
     del all_poison
-    safe = broadcast_split(args, safe, sum(counts))
+    safe = broadcast_mask(args, safe, sum(counts))
     lookup = SplitLookup(all_ids, safe)
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -325,7 +325,8 @@ def safeclip_parser():
                             "would leave (e.g. learned in the warm-up).")
     group.add_argument("--safeclip-unlearn-fraction", type=float, default=0.0,
                        help="Each mixed epoch's risky sub-epoch also pushes the image views of the samples ranked "
-                            "lowest at the split, this share of all samples, off their own captions (0: off).")
+                            "lowest at the split, this share of all samples (those in the safe set excepted), off "
+                            "their own captions (0: off).")
     group.add_argument("--safeclip-fast", action="store_true",
                        help="Split mixed epochs after the first by the image-caption cosines the training steps "
                             "compute (mean of the two views) instead of a separate similarity pass.")

@@ -167,11 +167,12 @@ def on_device(device, view_1, view_2, both):
     return torch.cat([view_1, view_2.to(device=device, non_blocking=True)]) if both else view_1
 
 
-def broadcast_split(args, safe, count):
-    """Rank 0's safe mask to every rank, as packed bits over the host group (the mixture fit runs once)."""
+def broadcast_mask(args, mask, count):
+    """Rank 0's per-sample mask (the safe set, the suspects) to every rank, as packed bits over the host
+    group: the split is made once, on rank 0."""
     if not args.distributed:
-        return safe
-    packed = collectives.broadcast_rows(args, np.packbits(safe) if args.rank == 0 else None, -(-count // 8),
+        return mask
+    packed = collectives.broadcast_rows(args, np.packbits(mask) if args.rank == 0 else None, -(-count // 8),
                                         np.uint8)
     return np.unpackbits(packed, count=count).astype(bool)
 
@@ -237,7 +238,7 @@ def mixed_epoch(model, train, loss, epoch, optimizer, scaler, args, run, tb_writ
             logging.warning(f"SafeCLIP epoch {epoch}: the first split is blind: {split.fallback}; the safe set is "
                             f"the top --safeclip-safe-fraction-start {run.schedule.rule.fraction_start:g} by clean "
                             f"probability instead")
-    safe = broadcast_split(args, None if split is None else split.safe, result.num_samples)
+    safe = broadcast_mask(args, None if split is None else split.safe, result.num_samples)
     run.schedule.accept_split(epoch, safe)
     if first_pass and is_master(args):
         check_sample_count(args, train.num_samples, result.num_samples)
@@ -268,8 +269,8 @@ def mixed_epoch(model, train, loss, epoch, optimizer, scaler, args, run, tb_writ
         report(args, tb_writer, scalars, run.global_step)
     unlearn = None
     if args.safeclip_unlearn_fraction:
-        suspect = None if split is None else suspect_mask(split, args.safeclip_unlearn_fraction)
-        suspect = broadcast_split(args, suspect, result.num_samples)
+        suspect = None if split is None else suspect_mask(split, result.similarity, args.safeclip_unlearn_fraction)
+        suspect = broadcast_mask(args, suspect, result.num_samples)
         unlearn = loss.unlearn.for_suspects(result.ids[suspect])
         if is_master(args):
             logging.info(f"SafeCLIP epoch {epoch}: unlearning {int(suspect.sum())} suspects on the risky side"
@@ -294,9 +295,11 @@ def mixed_epoch(model, train, loss, epoch, optimizer, scaler, args, run, tb_writ
         run.training_scores = scores.collect(args)
 
 
-def suspect_mask(split, fraction):
-    """The lowest `fraction` of the split's ranking on the risky side: the samples most likely poisoned."""
-    suspect = top_fraction_mask(-split.score, fraction, tiebreak=-split.clean_prob)
+def suspect_mask(split, similarity, fraction):
+    """Those of the lowest `fraction` by the split's score that are on the risky side: the samples most
+    likely poisoned. Ties go to the lower similarity, as the split's own do (flagged samples whose clean
+    probability is 0 tie at -2)."""
+    suspect = top_fraction_mask(-split.score, fraction, tiebreak=-similarity)
     return suspect & ~split.safe
 
 

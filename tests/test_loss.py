@@ -195,7 +195,7 @@ def test_losses_from_args_and_bank_state_round_trip():
 
 
 def test_unlearning_pushes_only_the_suspects_images_off_their_own_captions():
-    image_v1, image_v2, text_v1, _ = features(batch=4, dim=3)
+    image_v2 = features(batch=4, dim=3)[1]
     image_v1 = torch.tensor([[1.0, 0, 0], [1, 0, 0], [0, 1, 0], [1, 0, 0]])
     text_v1 = torch.tensor([[0.6, 0.8, 0], [0.6, 0.8, 0], [0, 0, 1], [-1, 0, 0]])  # cos 0.6, 0.6, 0, -1
     image_v1.requires_grad_(True), image_v2.requires_grad_(True), text_v1.requires_grad_(True)

@@ -104,7 +104,7 @@ def test_host_collectives_take_a_gloo_group_under_nccl(nccl):
     words = np.arange(20, dtype=np.uint64) << np.uint64(40)
     np.testing.assert_array_equal(collectives.gather_rows(args, words, counts), np.concatenate([words, words]))
     safe = np.arange(40) % 3 == 0
-    np.testing.assert_array_equal(train.broadcast_split(args, safe, 40), safe)
+    np.testing.assert_array_equal(train.broadcast_mask(args, safe, 40), safe)
     assert collectives.gather_bytes_to(args, b"keys") == [b"keys", b"keys"]
     assert collectives.broadcast_object(args, "ok") == "ok"
     assert nccl.calls.count(("new_group", "gloo")) == 1, "one gloo group, made once"

@@ -240,7 +240,9 @@ def test_the_oracle_split_ranks_every_poisoned_sample_last(poisoned_world, world
             "metadata marks poisoned last") in log
     assert (f"SafeCLIP epoch 2: unlearning {round(0.1 * poisoned_world['num_samples'])} suspects on the risky side, "
             f"poisoned: other {poisoned_world['num_poisoned']}") in log
-    assert re.search(r"Train Epoch: 2 risky .* Unlearn_loss: \d", log) and not re.search(r"safe .*Unlearn_loss", log)
+    pushes = re.findall(r"Train Epoch: 2 risky .* Unlearn_loss: \S+ \((\S+)\)", log)
+    assert pushes and float(pushes[-1]) > 0, "the suspects' ids found in the risky batches"
+    assert not re.search(r"safe .*Unlearn_loss", log)
     table = pq.read_table(tmp_path / "oracle" / "similarity" / "epoch_002.parquet").to_pandas()
     poisoned = table["poisoned"].astype(bool)
     assert poisoned.sum() == poisoned_world["num_poisoned"] and 0 < table["safe"].sum() < (~poisoned).sum()

@@ -319,3 +319,16 @@ def test_a_resume_with_other_settings_names_each_changed_flag_in_one_line():
     same = make_schedule(epochs=10, fraction_step=None)
     same.load_state_dict(saved.state_dict())
     assert same.first_fraction == 0.3
+
+
+def test_suspects_are_the_lowest_scores_on_the_risky_side_ties_to_the_lower_similarity():
+    from open_clip_safe.schedule import Split
+    from open_clip_safe.train import suspect_mask
+
+    score = np.array([-2.0, 0.9, -2.0, 0.1, -2.0, 0.5, 0.0, 0.8], dtype=np.float32)  # three flagged, tied at -2
+    similarity = np.array([0.30, 0.9, 0.10, 0.2, 0.20, 0.5, 0.15, 0.8], dtype=np.float32)
+    safe = np.array([False, True, False, False, False, True, False, True])
+    split = Split(safe, score, score, None, None)
+    assert np.flatnonzero(suspect_mask(split, similarity, 2 / 8)).tolist() == [2, 4]  # not 0, the first by index
+    assert np.flatnonzero(suspect_mask(split, similarity, 5 / 8)).tolist() == [0, 2, 3, 4, 6]
+    assert not (suspect_mask(split, similarity, 1.0) & safe).any(), "a sample in the safe set is never pushed"

@@ -14,7 +14,7 @@ from open_clip_safe import register_model_configs
 from open_clip_safe.data import get_safeclip_data
 from open_clip_safe.params import parse_args
 from open_clip_safe.similarity import similarity_pass, write_log
-from open_clip_safe.train import broadcast_split
+from open_clip_safe.train import broadcast_mask
 from open_clip_safe.world import generate_world
 
 
@@ -44,7 +44,7 @@ def run_pass(rank, world_size, port, train_data, logs, extra, results):
     data = get_safeclip_data(args, preprocess, None, open_clip.get_tokenizer("safeclip-micro"))
     result = similarity_pass(model, data, args, epoch=6)
     safe = result.similarity > np.median(result.similarity) if rank == 0 else None  # rank 0 alone splits
-    safe = broadcast_split(args, safe, result.num_samples)
+    safe = broadcast_mask(args, safe, result.num_samples)
     write_log(args, result, {"clean_prob": result.similarity} if rank == 0 else None, safe, epoch=6)
     results[rank] = (len(result.keys), len(result.ids), result.similarity is None)
     if world_size > 1:
