@@ -176,13 +176,14 @@ def inmodal_lr(value):
 
 # The flags a preset sets when they are not given (docs/design.md#presets). measured: what defended best
 # in this project's runs: the second signal with the plain similarity views it needs, a safe fraction that
-# reaches its cap halfway through the mixed epochs, a 1 + 2 epoch warm-up whose cross-modal rate is sized
-# from the run's steps (schedule.auto_filter_lr), an in-modal rate of --lr / 5, and open_clip's own image
-# views with raw captions.
+# reaches its cap halfway through the mixed epochs, a 1 + 1 epoch warm-up whose cross-modal rate is sized
+# from the run's steps (schedule.auto_filter_lr: one epoch at twice the rate of two moves the weights as
+# far and leaves the CLIP loss one more mixed epoch), an in-modal rate of --lr / 5, and open_clip's own
+# image views with raw captions.
 # authors: the SafeCLIP authors' values. None is "auto" on the command line.
 PRESETS = {
     "measured": {"safeclip_score": "neighbours", "safeclip_sim_views": "plain", "safeclip_safe_fraction_step": None,
-                 "safeclip_inmodal_epochs": 1, "safeclip_crossmodal_epochs": 2, "safeclip_filter_lr": None,
+                 "safeclip_inmodal_epochs": 1, "safeclip_crossmodal_epochs": 1, "safeclip_filter_lr": None,
                  "safeclip_crossmodal_warmup": None, "safeclip_inmodal_lr": None, "safeclip_image_aug": "open_clip",
                  "safeclip_text_aug": "none"},
     "authors": {"safeclip_score": "mixture", "safeclip_sim_views": "augmented", "safeclip_safe_fraction_step": 0.01,

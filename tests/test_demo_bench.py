@@ -235,8 +235,8 @@ def test_neighbour_scale_times_the_second_signal_against_a_capped_reference(tmp_
     ("open_clip_safe.bench", ["--data-path", "--image-size", "0"], "--image-size must be at least 1"),
     ("open_clip_safe.demo", ["--epochs", "1", "--quick"], "--epochs must leave"),
     ("open_clip_safe.demo", ["--main-defaults", "--score", "mixture"], "--main-defaults trains SafeCLIP with main's"),
-    ("open_clip_safe.demo", ["--main-defaults", "--epochs", "3"], "--epochs must leave at least one mixed SafeCLIP "
-                                                                   "epoch after 3 warm-up epochs"),
+    ("open_clip_safe.demo", ["--main-defaults", "--epochs", "2"], "--epochs must leave at least one mixed SafeCLIP "
+                                                                   "epoch after 2 warm-up epochs"),
     ("open_clip_safe.demo", ["--fast", "--score", "neighbours"], "--fast cannot take --score neighbours"),
     ("open_clip_safe.bench", ["--fractions", "0.5,0.2"], "--fractions must be increasing"),
     ("open_clip_safe.bench", ["--num-train", "10"], "--num-train must hold"),
@@ -274,7 +274,7 @@ def test_the_demo_trains_safeclip_with_the_measured_score_and_main_defaults_on_r
     assert flags == ["--safeclip"] and config.epochs == 10 and not config.small_run
     assert (args.safeclip_inmodal_epochs, args.safeclip_crossmodal_epochs, args.safeclip_text_aug,
             args.safeclip_image_aug, args.safeclip_score, args.safeclip_safe_fraction_step) == (
-        1, 2, "none", "open_clip", "neighbours", None)
+        1, 1, "none", "open_clip", "neighbours", None)
     config, flags, args = safeclip_flags_of_the_demo("--world", "tiles-noise", "--main-defaults")
     assert (config.world_style, config.patch_kind, config.patch_location, config.target) == (
         "tiles", "noise", "bottom-right", "rocket")

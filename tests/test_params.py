@@ -10,7 +10,7 @@ def parse(world, *flags):
 
 def test_defaults_are_the_authors_but_for_the_measured_presets(world):
     args = parse(world, "--safeclip", "--epochs", "32")
-    assert (args.safeclip_inmodal_epochs, args.safeclip_crossmodal_epochs) == (1, 2)
+    assert (args.safeclip_inmodal_epochs, args.safeclip_crossmodal_epochs) == (1, 1)
     assert args.safeclip_filter_lr is None and args.safeclip_crossmodal_warmup is None  # auto: from the step count
     assert args.safeclip_inmodal_lr is None  # auto: --lr / 5
     assert (args.safeclip_first_split_threshold, args.safeclip_safe_fraction_max,
@@ -94,7 +94,7 @@ def test_help_shows_both_groups(capsys):
 
 @pytest.mark.parametrize("flags, message", [
     (["--safeclip-split", "topk"], "--safeclip-split needs --safeclip"),
-    (["--safeclip", "--epochs", "2"], "--epochs 2 is fewer than the 3 SafeCLIP warm-up epochs"),
+    (["--safeclip", "--epochs", "1"], "--epochs 1 is fewer than the 2 SafeCLIP warm-up epochs"),
     (["--safeclip", "--epochs", "9", "--safeclip-filter-lr", "fast"], "expected a number or auto, got 'fast'"),
     (["--safeclip", "--epochs", "9", "--safeclip-inmodal-lr", "0"], "--safeclip-inmodal-lr must be positive, got 0.0"),
     (["--safeclip", "--epochs", "9", "--safeclip-safe-fraction-max", "1.5"],
