@@ -11,6 +11,12 @@ Two marks of a poison that the image-caption similarity alone misses (docs/desig
   caption's nearest neighbours (`image_agreement`). Copies of the sample's own image are left out
   of its neighbours, or a targeted image's copies would vouch for each other.
 
+The same search gives each pair a **relative similarity** (--safeclip-rank-similarity relative): its
+image-caption cosine less the median cosine of the pairs whose captions are its caption's nearest
+neighbours. A caption that the model has come to match well with any image (a class that a safe set
+favoured) lifts every pair that carries it, a backdoor's poisons too; relative to the pairs that carry
+captions like theirs the poisons stay low (docs/design.md#second-signal).
+
 Every sample is scored once, on the rank that embedded it, against a reference set: all samples up
 to --safeclip-neighbour-reference, a fixed random subset of that size beyond. The reference's
 embeddings reach every rank over the host group; the search runs on the training device in chunks.
@@ -89,6 +95,15 @@ def top_candidates(queries, keys, count):
     return best_values, best_indices
 
 
+def neighbour_median(values_of_candidate, valid, k):
+    """The median of each row's values over its first k valid candidates (0 where none is valid)."""
+    if not values_of_candidate.shape[1]:  # an empty reference set
+        return values_of_candidate.new_zeros(len(values_of_candidate), dtype=torch.float32)
+    chosen = valid & (valid.cumsum(dim=1) <= k)
+    median = torch.nanquantile(values_of_candidate.float().masked_fill(~chosen, float("nan")), 0.5, dim=1)
+    return torch.nan_to_num(median, nan=0.0)
+
+
 def agreement(own, others_of_candidate, valid, k):
     """Mean cosine of each sample's `own` embedding with those of its first k valid candidates."""
     cosines = (others_of_candidate * own[:, None, :]).sum(dim=-1)
@@ -98,14 +113,15 @@ def agreement(own, others_of_candidate, valid, k):
 
 
 def local_scores(image, text, ids, reference_image, reference_text, reference_ids, device, dtype):
-    """caption_agreement, image_agreement and copy_seen (a reference sample other than itself has a
-    copy of its image) of this rank's samples against the reference set."""
+    """caption_agreement, image_agreement, copy_seen (a reference sample other than itself has a copy
+    of its image) and relative_similarity of this rank's samples against the reference set."""
     keys_image, keys_text = reference_image.to(device, dtype), reference_text.to(device, dtype)
     # The copy check in fp32 on every device: in float16 both a cosine of 0.9992 and COPY_COSINE round
     # to 0.99902, and the copy is missed.
     keys_exact = keys_image if dtype == torch.float32 else reference_image.to(device, torch.float32)
     reference_ids = torch.as_tensor(reference_ids, device=device)
-    captions, images, copies = [], [], []
+    reference_similarity = (reference_image.float() * reference_text.float()).sum(dim=-1).to(device)
+    captions, images, copies, relative = [], [], [], []
     for begin in range(0, len(image), QUERY_CHUNK):
         query_exact = image[begin:begin + QUERY_CHUNK].to(device, torch.float32)
         query_image = query_exact.to(dtype)
@@ -121,11 +137,16 @@ def local_scores(image, text, ids, reference_image, reference_text, reference_id
                 copies.append((copy & other).any(dim=1).cpu())
             own = query_text if others is keys_text else query_image
             results.append(agreement(own, others[candidates], ~copy & other, k))
+            if keys is keys_text:
+                own_similarity = (query_exact * query_text.float()).sum(dim=-1)
+                relative.append((own_similarity - neighbour_median(reference_similarity[candidates],
+                                                                   ~copy & other, k)).cpu())
         captions.append(results[0].float().cpu())
         images.append(results[1].float().cpu())
     empty = torch.zeros(0)
     return ((torch.cat(captions) if captions else empty).numpy(), (torch.cat(images) if images else empty).numpy(),
-            (torch.cat(copies) if copies else empty.bool()).numpy().astype(np.uint8))
+            (torch.cat(copies) if copies else empty.bool()).numpy().astype(np.uint8),
+            (torch.cat(relative) if relative else empty).numpy())
 
 
 def gather_reference(args, image, text, ids, members, counts):
@@ -142,8 +163,8 @@ def gather_reference(args, image, text, ids, members, counts):
 
 def second_signal(args, result):
     """The second signal of every sample, from the pass's embeddings (`result.image`, `.text`, `.digests`
-    of this rank's samples): on rank 0 a dict of the flagged mask and the log's columns (copies,
-    consistency) plus the seconds it took, None on the other ranks."""
+    of this rank's samples): on rank 0 a dict of the flagged mask, the relative similarity and the log's
+    columns (copies, consistency, relative similarity) plus the seconds it took, None on the other ranks."""
     start = time.time()
     ids = result.local_ids
     members = reference_members(ids, result.num_samples, args.safeclip_neighbour_reference)
@@ -154,14 +175,16 @@ def second_signal(args, result):
                         "(--safeclip-neighbour-reference too small?); only copies by digest are flagged")
     device = torch.device(args.device)
     dtype = torch.float32 if device.type == "cpu" else torch.float16  # CPU matmuls in half are slow
-    caption_agreement, image_agreement, copy_seen = local_scores(
+    caption_agreement, image_agreement, copy_seen, relative = local_scores(
         result.image, result.text, ids, reference_image, reference_text, reference_ids, device, dtype)
     gathered = [collectives.gather_rows(args, values, result.counts, dst=0)
-                for values in (result.digests, caption_agreement, image_agreement, copy_seen)]
+                for values in (result.digests, caption_agreement, image_agreement, copy_seen, relative)]
     if args.rank != 0:
         return None
-    flagged, copies, consistency = flag(*gathered, args.safeclip_score_quantile)
-    return {"flagged": flagged, "columns": {"copy": copies, "consistency": consistency},
+    flagged, copies, consistency = flag(*gathered[:4], args.safeclip_score_quantile)
+    relative = gathered[4].astype(np.float32)
+    return {"flagged": flagged, "relative_similarity": relative,
+            "columns": {"copy": copies, "consistency": consistency, "relative_similarity": relative},
             "reference": len(reference_ids), "seconds": time.time() - start}
 
 

@@ -185,11 +185,11 @@ PRESETS = {
     "measured": {"safeclip_score": "neighbours", "safeclip_sim_views": "plain", "safeclip_safe_fraction_step": None,
                  "safeclip_inmodal_epochs": 1, "safeclip_crossmodal_epochs": 1, "safeclip_filter_lr": None,
                  "safeclip_crossmodal_warmup": None, "safeclip_inmodal_lr": None, "safeclip_image_aug": "open_clip",
-                 "safeclip_text_aug": "none"},
+                 "safeclip_text_aug": "none", "safeclip_rank_similarity": "relative"},
     "authors": {"safeclip_score": "mixture", "safeclip_sim_views": "augmented", "safeclip_safe_fraction_step": 0.01,
                 "safeclip_inmodal_epochs": 5, "safeclip_crossmodal_epochs": 1, "safeclip_filter_lr": 5e-6,
                 "safeclip_crossmodal_warmup": 0, "safeclip_inmodal_lr": "lr", "safeclip_image_aug": "safeclip",
-                "safeclip_text_aug": "eda"},
+                "safeclip_text_aug": "eda", "safeclip_rank_similarity": "raw"},
 }
 # Flags that only the authors' image views read: given, they take those views from the preset.
 AUTHORS_VIEW_SETTINGS = ("safeclip_crop_scale", "safeclip_color_jitter", "safeclip_blur_sigma", "safeclip_augment_on")
@@ -213,10 +213,13 @@ def apply_preset(args, given, defaults):
     """Fill the flags the preset sets and the user did not give; returns the one line that says which
     given flags differ from the preset, or None. The preset follows what the given flags allow: the
     second signal needs a pass on plain views every mixed epoch, so augmented views or fast mode given
-    explicitly take the mixture; a setting of the authors' image views takes those views."""
+    explicitly take the mixture, and the mixture the raw similarity; a setting of the authors' image views
+    takes those views."""
     preset = dict(PRESETS[args.safeclip_preset])
     if "safeclip_score" not in given and (given.get("safeclip_sim_views") == "augmented" or args.safeclip_fast):
         preset["safeclip_score"] = "mixture"
+    if "safeclip_rank_similarity" not in given and given.get("safeclip_score", preset["safeclip_score"]) != "neighbours":
+        preset["safeclip_rank_similarity"] = "raw"
     if "safeclip_sim_views" not in given and given.get("safeclip_score") == "neighbours":
         preset["safeclip_sim_views"] = "plain"
     if "safeclip_image_aug" not in given and any(getattr(args, name) != getattr(defaults, name)
@@ -289,6 +292,11 @@ def safeclip_parser():
                             "neighbours: that, with samples a second signal from the pass's embeddings flags ranked "
                             "last (copies of one image; captions unlike those of the image's nearest neighbours)"
                             + preset_defaults("safeclip_score"))
+    group.add_argument("--safeclip-rank-similarity", choices=("raw", "relative"), default=argparse.SUPPRESS,
+                       help="What the mixture ranks from the second split on: the pair's cosine (the authors), or "
+                            "relative: that less the median cosine of the pairs whose captions are its caption's "
+                            "nearest neighbours (needs --safeclip-score neighbours)"
+                            + preset_defaults("safeclip_rank_similarity"))
     group.add_argument("--safeclip-score-quantile", type=float, default=0.05,
                        help="neighbours: the share of samples, those least consistent with their neighbours, flagged.")
     group.add_argument("--safeclip-neighbour-reference", type=int, default=1_000_000,
@@ -416,6 +424,9 @@ def check_safeclip_args(args, defaults):
     check_fraction(args.safeclip_unlearn_fraction, "--safeclip-unlearn-fraction", low_open=False)
     if not 0 <= args.safeclip_score_quantile < 1:
         raise UsageError(f"--safeclip-score-quantile must be in [0, 1), got {args.safeclip_score_quantile}")
+    if args.safeclip_rank_similarity == "relative" and args.safeclip_score != "neighbours":
+        raise UsageError("--safeclip-rank-similarity relative needs --safeclip-score neighbours: the relative "
+                         "similarity comes from the second signal's caption neighbours")
     if args.safeclip_fast and args.safeclip_score == "neighbours":
         raise UsageError("--safeclip-fast cannot take --safeclip-score neighbours: the second signal needs the "
                          "embeddings of a similarity pass, which fast mode skips after the first split")

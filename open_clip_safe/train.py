@@ -220,6 +220,15 @@ def oracle_flags(result, flagged, epoch):
     return poisoned if flagged is None else flagged | poisoned
 
 
+def ranked_similarity(args, schedule, epoch, result, signal):
+    """What the split's mixture ranks: the raw similarity, or from the second split on the relative one
+    (--safeclip-rank-similarity relative). The first split stays on the raw similarity: its mixture
+    decides how much of the data is clean (f0), a question about the pairs, not about the captions."""
+    if args.safeclip_rank_similarity == "relative" and schedule.mixed_epoch(epoch) > 0:
+        return signal["relative_similarity"]
+    return result.similarity
+
+
 def mixed_epoch(model, train, loss, epoch, optimizer, scaler, args, run, tb_writer):
     """The split (from a similarity pass, or in fast mode from the last mixed epoch's training steps),
     its log and report, then the risky and the safe sub-epoch."""
@@ -233,7 +242,7 @@ def mixed_epoch(model, train, loss, epoch, optimizer, scaler, args, run, tb_writ
         flagged = None if signal is None else signal["flagged"]
         if args.safeclip_oracle_split:
             flagged = oracle_flags(result, flagged, epoch)
-        split = run.schedule.split(epoch, result.similarity, flagged)
+        split = run.schedule.split(epoch, ranked_similarity(args, run.schedule, epoch, result, signal), flagged)
         if split.fallback:
             logging.warning(f"SafeCLIP epoch {epoch}: the first split is blind: {split.fallback}; the safe set is "
                             f"the top --safeclip-safe-fraction-start {run.schedule.rule.fraction_start:g} by clean "

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from open_clip_safe import collectives, neighbours
-from open_clip_safe.schedule import SafeclipSchedule, SplitRule
+from open_clip_safe.schedule import SafeclipSchedule, SplitRule, top_fraction_mask
 from open_clip_safe.similarity import PassResult
 
 
@@ -100,11 +100,47 @@ def test_a_caption_unlike_its_neighbours_captions_agrees_least():
     text = text.clone()
     text[wrong] = unit(centres[(labels[wrong] + 1) % 8] + 0.3 * np.random.default_rng(1).normal(size=(len(wrong), 32)))
     ids = np.arange(len(labels))
-    captions, images, copy_seen = neighbours.local_scores(image, text, ids, image, text, ids, torch.device("cpu"),
+    captions, images, copy_seen, _ = neighbours.local_scores(image, text, ids, image, text, ids, torch.device("cpu"),
                                                           torch.float32)
     assert not copy_seen.any()
     assert set(np.argsort(captions)[:len(wrong)]) == set(wrong)
     assert set(np.argsort(images)[:len(wrong)]) == set(wrong)
+
+
+def test_relative_similarity_is_the_cosine_less_the_median_of_the_caption_neighbours_pairs():
+    image, text, labels, _ = clustered_world()
+    ids = np.arange(len(labels))
+    *_, relative = neighbours.local_scores(image, text, ids, image, text, ids, torch.device("cpu"), torch.float32)
+    own = (image * text).sum(dim=-1)
+    for sample in (0, 57, 301):
+        cosines = text[sample] @ text.T
+        cosines[sample] = -2  # a sample is not its own neighbour
+        nearest = cosines.argsort(descending=True)[:neighbours.CAPTION_NEIGHBOURS]
+        middle = own[nearest].sort().values[neighbours.CAPTION_NEIGHBOURS // 2 - 1:neighbours.CAPTION_NEIGHBOURS // 2 + 1]
+        assert relative[sample] == pytest.approx((own[sample] - middle.mean()).item(), abs=1e-5)
+
+
+def test_a_backdoor_on_a_well_matched_caption_ranks_low_relative_to_its_caption_neighbours():
+    """The tiles-noise world's leak in miniature (docs/defense.md): the target class's pairs match best,
+    the backdoor's images (other classes' images that have learned a little of the target) sit in the
+    middle by raw cosine, so a safe set of the top 85% takes most of them; relative to the pairs that
+    carry captions like theirs they rank lowest, and it takes none."""
+    rng = np.random.default_rng(3)
+    classes, per_class, dim = 8, 40, 32
+    centres = rng.normal(size=(classes, dim))
+    labels = np.repeat(np.arange(classes), per_class)
+    noise = np.linspace(0.15, 1.5, classes)[labels][:, None]  # class 0, the target, matches best
+    image = unit(centres[labels] + noise * rng.normal(size=(len(labels), dim)))
+    text = unit(centres[labels] + noise * rng.normal(size=(len(labels), dim)))
+    poisons = np.flatnonzero(labels != 0)[::14][:20]
+    image[poisons] = unit(centres[labels[poisons]] + 0.8 * centres[0] + 0.3 * rng.normal(size=(20, dim)))
+    text[poisons] = unit(centres[[0] * 20] + 0.15 * rng.normal(size=(20, dim)))
+    ids = np.arange(len(labels))
+    *_, relative = neighbours.local_scores(image, text, ids, image, text, ids, torch.device("cpu"), torch.float32)
+    raw = (image * text).sum(dim=-1).numpy()
+    by_raw, by_relative = (top_fraction_mask(score, 0.85) for score in (raw, relative))
+    assert by_raw[poisons].sum() > len(poisons) / 2
+    assert not by_relative[poisons].any()
 
 
 def test_copies_do_not_vouch_for_each_other():
@@ -115,7 +151,7 @@ def test_copies_do_not_vouch_for_each_other():
     poison_text = unit(centres[[6] * 12] + 0.3 * np.random.default_rng(2).normal(size=(12, 32)))
     image, text = torch.cat([image, poison_image]), torch.cat([text, poison_text])
     ids = np.arange(len(image))
-    captions, _, copy_seen = neighbours.local_scores(image, text, ids, image, text, ids, torch.device("cpu"),
+    captions, _, copy_seen, _ = neighbours.local_scores(image, text, ids, image, text, ids, torch.device("cpu"),
                                                      torch.float32)
     assert captions[-12:].max() < np.percentile(captions[:-12], 5)
     # image 3 and its 12 copies see one another; a copy that rounding moved off the digest is still found
@@ -133,7 +169,7 @@ def test_copies_whose_digests_differ_are_found_by_cosine():
     digests = neighbours.image_digests(image, planes)
     assert digests[5] != digests[-1], "the digest alone misses this copy"
     ids = np.arange(len(image))
-    captions, images, copy_seen = neighbours.local_scores(image, text, ids, image, text, ids, torch.device("cpu"),
+    captions, images, copy_seen, _ = neighbours.local_scores(image, text, ids, image, text, ids, torch.device("cpu"),
                                                           torch.float32)
     _, copies, _ = neighbours.flag(digests, captions, images, copy_seen, quantile=0.0)
     assert set(np.flatnonzero(copies)) == {5, len(image) - 1}
@@ -214,6 +250,9 @@ def test_second_signal_under_a_two_rank_nccl_group_uses_host_collectives(monkeyp
     (["--safeclip-neighbour-reference", "1"], "--safeclip-neighbour-reference must be at least 2"),
     (["--safeclip-score", "knn"], "invalid choice: 'knn'"),
     (["--safeclip-score", "neighbours", "--safeclip-sim-views", "augmented"], "needs --safeclip-sim-views plain"),
+    (["--safeclip-score", "mixture", "--safeclip-rank-similarity", "relative"],
+     "--safeclip-rank-similarity relative needs --safeclip-score neighbours"),
+    (["--safeclip-rank-similarity", "cosine"], "invalid choice: 'cosine'"),
 ])
 def test_bad_second_signal_flags(world, capsys, bad, message):
     from open_clip_safe import params
@@ -222,3 +261,17 @@ def test_bad_second_signal_flags(world, capsys, bad, message):
         params.parse_args(["--train-data", world["splits"]["train"]["shards"], "--workers", "1", "--safeclip",
                            "--epochs", "9", *bad])
     assert message in capsys.readouterr().err
+
+
+def test_the_first_split_ranks_the_raw_similarity_and_later_ones_the_relative():
+    from open_clip_safe.train import ranked_similarity
+
+    schedule = SafeclipSchedule(rule=SplitRule(), inmodal_epochs=1, crossmodal_epochs=1, epochs=6, num_samples=4,
+                                steps_per_epoch=1, steps_for=lambda n: 1, inmodal_lr=1e-4, cross_lr=1e-3,
+                                filter_lr=1e-3, warmup=0)
+    result = SimpleNamespace(similarity=np.array([0.4, 0.3, 0.2, 0.1], np.float32))
+    signal = {"relative_similarity": np.array([-0.3, 0.1, 0.0, 0.2], np.float32)}
+    for rank_similarity, epoch, expected in (("relative", 2, result.similarity), ("relative", 3, signal["relative_similarity"]),
+                                             ("relative", 5, signal["relative_similarity"]), ("raw", 3, result.similarity)):
+        args = SimpleNamespace(safeclip_rank_similarity=rank_similarity)
+        assert ranked_similarity(args, schedule, epoch, result, signal) is expected

@@ -21,6 +21,7 @@ def test_defaults_are_the_authors_but_for_the_measured_presets(world):
     assert args.safeclip_preset == "measured" and args.safeclip_preset_note is None
     assert (args.safeclip_score, args.safeclip_sim_views, args.safeclip_safe_fraction_step) == ("neighbours", "plain",
                                                                                                  None)
+    assert args.safeclip_rank_similarity == "relative"
     plain = parse(world)
     assert not plain.safeclip and plain.lr == 5e-4, "open_clip's own defaults still apply"
 
@@ -29,7 +30,7 @@ def test_the_authors_preset_gives_the_authors_values(world):
     args = parse(world, "--safeclip", "--epochs", "32", "--safeclip-preset", "authors")
     assert (args.safeclip_score, args.safeclip_sim_views, args.safeclip_safe_fraction_step) == ("mixture",
                                                                                                  "augmented", 0.01)
-    assert args.safeclip_preset_note is None
+    assert args.safeclip_preset_note is None and args.safeclip_rank_similarity == "raw"
     assert (args.safeclip_inmodal_epochs, args.safeclip_crossmodal_epochs, args.safeclip_filter_lr,
             args.safeclip_crossmodal_warmup, args.safeclip_inmodal_lr) == (5, 1, 5e-6, 0, "lr")
     assert (args.safeclip_image_aug, args.safeclip_text_aug, args.safeclip_crop_scale) == ("safeclip", "eda", 0.08)
@@ -48,24 +49,30 @@ def test_a_setting_of_the_authors_views_takes_those_views(world, flags, image_au
 
 
 @pytest.mark.parametrize("flags, values, note", [
-    (["--safeclip-safe-fraction-step", "0.25"], ("neighbours", "plain", 0.25),
+    (["--safeclip-safe-fraction-step", "0.25"], ("neighbours", "plain", 0.25, "relative"),
      "SafeCLIP preset measured: given flags win: --safeclip-safe-fraction-step 0.25 (preset: auto)"),
-    (["--safeclip-score", "mixture"], ("mixture", "plain", None),
-     "SafeCLIP preset measured: given flags win: --safeclip-score mixture (preset: neighbours)"),
-    (["--safeclip-sim-views", "augmented"], ("mixture", "augmented", None),
+    (["--safeclip-score", "mixture"], ("mixture", "plain", None, "raw"),
+     "SafeCLIP preset measured: given flags win: --safeclip-score mixture (preset: neighbours); "
+     "so --safeclip-rank-similarity raw"),
+    (["--safeclip-sim-views", "augmented"], ("mixture", "augmented", None, "raw"),
      "SafeCLIP preset measured: given flags win: --safeclip-sim-views augmented (preset: plain); "
-     "so --safeclip-score mixture"),
-    (["--safeclip-fast"], ("mixture", "plain", None), "SafeCLIP preset measured: so --safeclip-score mixture"),
-    (["--safeclip-preset", "authors", "--safeclip-score", "neighbours"], ("neighbours", "plain", 0.01),
+     "so --safeclip-score mixture, --safeclip-rank-similarity raw"),
+    (["--safeclip-fast"], ("mixture", "plain", None, "raw"),
+     "SafeCLIP preset measured: so --safeclip-score mixture, --safeclip-rank-similarity raw"),
+    (["--safeclip-rank-similarity", "raw"], ("neighbours", "plain", None, "raw"),
+     "SafeCLIP preset measured: given flags win: --safeclip-rank-similarity raw (preset: relative)"),
+    (["--safeclip-preset", "authors", "--safeclip-score", "neighbours"], ("neighbours", "plain", 0.01, "raw"),
      "SafeCLIP preset authors: given flags win: --safeclip-score neighbours (preset: mixture); "
      "so --safeclip-sim-views plain"),
-    (["--safeclip-preset", "authors", "--safeclip-safe-fraction-step", "auto"], ("mixture", "augmented", None),
+    (["--safeclip-preset", "authors", "--safeclip-safe-fraction-step", "auto"], ("mixture", "augmented", None, "raw"),
      "SafeCLIP preset authors: given flags win: --safeclip-safe-fraction-step auto (preset: 0.01)"),
-    (["--safeclip-score", "neighbours", "--safeclip-sim-views", "plain"], ("neighbours", "plain", None), None),
+    (["--safeclip-score", "neighbours", "--safeclip-sim-views", "plain"], ("neighbours", "plain", None, "relative"),
+     None),
 ])
 def test_given_flags_win_over_the_preset_in_one_line(world, flags, values, note):
     args = parse(world, "--safeclip", "--epochs", "9", *flags)
-    assert (args.safeclip_score, args.safeclip_sim_views, args.safeclip_safe_fraction_step) == values
+    assert (args.safeclip_score, args.safeclip_sim_views, args.safeclip_safe_fraction_step,
+            args.safeclip_rank_similarity) == values
     assert args.safeclip_preset_note == note
 
 
