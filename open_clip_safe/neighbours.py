@@ -12,8 +12,8 @@ Two marks of a poison that the image-caption similarity alone misses (docs/desig
   of its neighbours, or a targeted image's copies would vouch for each other.
 
 The same search gives each pair a **relative similarity** (--safeclip-rank-similarity relative): its
-image-caption cosine less the median cosine of the pairs whose captions are its caption's nearest
-neighbours. A caption that the model has come to match well with any image (a class that a safe set
+image-caption cosine less the 75th percentile of the cosines of the pairs whose captions are its
+caption's nearest neighbours. A caption that the model has come to match well with any image (a class that a safe set
 favoured) lifts every pair that carries it, a backdoor's poisons too; relative to the pairs that carry
 captions like theirs the poisons stay low (docs/design.md#second-signal).
 
@@ -35,6 +35,7 @@ from open_clip_safe import collectives
 COPY_COSINE = 0.999  # image embeddings this close are copies of one image (poisons' copies: > 0.9999)
 IMAGE_NEIGHBOURS = 10  # a caption is compared with the captions of this many image neighbours
 CAPTION_NEIGHBOURS = 20  # an image with the images of this many caption neighbours
+RELATIVE_QUANTILE = 0.75  # a clean pair's cosine while poisons are under 3/4 of a caption's neighbours
 EXTRA_CANDIDATES = 128  # fetched beyond k, for the copies and the sample itself to drop out
 SIMHASH_BITS = 256
 QUERY_CHUNK, REFERENCE_CHUNK = 1024, 65536
@@ -95,13 +96,13 @@ def top_candidates(queries, keys, count):
     return best_values, best_indices
 
 
-def neighbour_median(values_of_candidate, valid, k):
-    """The median of each row's values over its first k valid candidates (0 where none is valid)."""
+def neighbour_quantile(values_of_candidate, valid, k, quantile):
+    """The `quantile` of each row's values over its first k valid candidates (0 where none is valid)."""
     if not values_of_candidate.shape[1]:  # an empty reference set
         return values_of_candidate.new_zeros(len(values_of_candidate), dtype=torch.float32)
     chosen = valid & (valid.cumsum(dim=1) <= k)
-    median = torch.nanquantile(values_of_candidate.float().masked_fill(~chosen, float("nan")), 0.5, dim=1)
-    return torch.nan_to_num(median, nan=0.0)
+    value = torch.nanquantile(values_of_candidate.float().masked_fill(~chosen, float("nan")), quantile, dim=1)
+    return torch.nan_to_num(value, nan=0.0)
 
 
 def agreement(own, others_of_candidate, valid, k):
@@ -139,8 +140,8 @@ def local_scores(image, text, ids, reference_image, reference_text, reference_id
             results.append(agreement(own, others[candidates], ~copy & other, k))
             if keys is keys_text:
                 own_similarity = (query_exact * query_text.float()).sum(dim=-1)
-                relative.append((own_similarity - neighbour_median(reference_similarity[candidates],
-                                                                   ~copy & other, k)).cpu())
+                relative.append((own_similarity - neighbour_quantile(reference_similarity[candidates],
+                                                                     ~copy & other, k, RELATIVE_QUANTILE)).cpu())
         captions.append(results[0].float().cpu())
         images.append(results[1].float().cpu())
     empty = torch.zeros(0)

@@ -294,7 +294,7 @@ def safeclip_parser():
                             + preset_defaults("safeclip_score"))
     group.add_argument("--safeclip-rank-similarity", choices=("raw", "relative"), default=argparse.SUPPRESS,
                        help="What the mixture ranks from the second split on: the pair's cosine (the authors), or "
-                            "relative: that less the median cosine of the pairs whose captions are its caption's "
+                            "relative: that less the 75th percentile of the cosines of the pairs whose captions are its caption's "
                             "nearest neighbours (needs --safeclip-score neighbours)"
                             + preset_defaults("safeclip_rank_similarity"))
     group.add_argument("--safeclip-score-quantile", type=float, default=0.05,

@@ -107,7 +107,7 @@ def test_a_caption_unlike_its_neighbours_captions_agrees_least():
     assert set(np.argsort(images)[:len(wrong)]) == set(wrong)
 
 
-def test_relative_similarity_is_the_cosine_less_the_median_of_the_caption_neighbours_pairs():
+def test_relative_similarity_is_the_cosine_less_a_high_quantile_of_the_caption_neighbours_pairs():
     image, text, labels, _ = clustered_world()
     ids = np.arange(len(labels))
     *_, relative = neighbours.local_scores(image, text, ids, image, text, ids, torch.device("cpu"), torch.float32)
@@ -116,31 +116,45 @@ def test_relative_similarity_is_the_cosine_less_the_median_of_the_caption_neighb
         cosines = text[sample] @ text.T
         cosines[sample] = -2  # a sample is not its own neighbour
         nearest = cosines.argsort(descending=True)[:neighbours.CAPTION_NEIGHBOURS]
-        middle = own[nearest].sort().values[neighbours.CAPTION_NEIGHBOURS // 2 - 1:neighbours.CAPTION_NEIGHBOURS // 2 + 1]
-        assert relative[sample] == pytest.approx((own[sample] - middle.mean()).item(), abs=1e-5)
+        expected = np.quantile(own[nearest].numpy(), neighbours.RELATIVE_QUANTILE)  # linear, as torch's
+        assert relative[sample] == pytest.approx(own[sample].item() - expected, abs=1e-5)
+
+
+def backdoored_world(poisons, seed=3, classes=8, per_class=40, dim=32):
+    """Classes that match their captions unevenly (class 0, the target, best), and `poisons` pairs of
+    other classes' images that have learned a little of the target, captioned as the target."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(classes, dim))
+    labels = np.repeat(np.arange(classes), per_class)
+    noise = np.linspace(0.15, 1.0, classes)[labels][:, None]
+    image = unit(centres[labels] + noise * rng.normal(size=(len(labels), dim)))
+    text = unit(centres[labels] + noise * rng.normal(size=(len(labels), dim)))
+    others = rng.choice(np.arange(1, classes), size=poisons)
+    image = torch.cat([image, unit(centres[others] + 0.8 * centres[0] + 0.3 * rng.normal(size=(poisons, dim)))])
+    text = torch.cat([text, unit(centres[[0] * poisons] + 0.15 * rng.normal(size=(poisons, dim)))])
+    ids = np.arange(len(image))
+    *_, relative = neighbours.local_scores(image, text, ids, image, text, ids, torch.device("cpu"), torch.float32)
+    return (image * text).sum(dim=-1).numpy(), relative, ids[len(labels):]
 
 
 def test_a_backdoor_on_a_well_matched_caption_ranks_low_relative_to_its_caption_neighbours():
-    """The tiles-noise world's leak in miniature (docs/defense.md): the target class's pairs match best,
-    the backdoor's images (other classes' images that have learned a little of the target) sit in the
-    middle by raw cosine, so a safe set of the top 85% takes most of them; relative to the pairs that
-    carry captions like theirs they rank lowest, and it takes none."""
-    rng = np.random.default_rng(3)
-    classes, per_class, dim = 8, 40, 32
-    centres = rng.normal(size=(classes, dim))
-    labels = np.repeat(np.arange(classes), per_class)
-    noise = np.linspace(0.15, 1.5, classes)[labels][:, None]  # class 0, the target, matches best
-    image = unit(centres[labels] + noise * rng.normal(size=(len(labels), dim)))
-    text = unit(centres[labels] + noise * rng.normal(size=(len(labels), dim)))
-    poisons = np.flatnonzero(labels != 0)[::14][:20]
-    image[poisons] = unit(centres[labels[poisons]] + 0.8 * centres[0] + 0.3 * rng.normal(size=(20, dim)))
-    text[poisons] = unit(centres[[0] * 20] + 0.15 * rng.normal(size=(20, dim)))
-    ids = np.arange(len(labels))
-    *_, relative = neighbours.local_scores(image, text, ids, image, text, ids, torch.device("cpu"), torch.float32)
-    raw = (image * text).sum(dim=-1).numpy()
-    by_raw, by_relative = (top_fraction_mask(score, 0.85) for score in (raw, relative))
-    assert by_raw[poisons].sum() > len(poisons) / 2
-    assert not by_relative[poisons].any()
+    """The tiles-noise world's leak in miniature (docs/defense.md): by raw cosine the backdoor's pairs
+    sit among the classes that match their captions less well, so a safe set of the top 80% takes most
+    of them; relative to the pairs that carry captions like theirs they rank lowest, and it takes none."""
+    raw, relative, poisons = backdoored_world(poisons=20)
+    assert top_fraction_mask(raw, 0.8)[poisons].sum() > len(poisons) / 2
+    assert not top_fraction_mask(relative, 0.8)[poisons].any()
+
+
+def test_the_relative_similarity_holds_while_poisons_are_most_of_a_captions_pairs(monkeypatch):
+    """60 poisons against 40 clean pairs of the target's captions: the neighbours' median is often a
+    poison's cosine, their 75th percentile still a clean pair's."""
+    kept = {}
+    for quantile in (0.5, 0.75):
+        monkeypatch.setattr(neighbours, "RELATIVE_QUANTILE", quantile)
+        _, relative, poisons = backdoored_world(poisons=60)
+        kept[quantile] = int(top_fraction_mask(relative, 0.8)[poisons].sum())
+    assert kept[0.5] > 20 and kept[0.75] <= 5, kept
 
 
 def test_copies_do_not_vouch_for_each_other():
