@@ -126,7 +126,8 @@ def training_command(config, train_data, logs, name, seed, safeclip, device="cpu
                     "--safeclip-filter-lr", config.filter_lr, "--safeclip-inmodal-lr", config.inmodal_lr,
                     "--safeclip-crossmodal-warmup", config.crossmodal_warmup, "--safeclip-image-aug", config.image_aug,
                     "--safeclip-sim-views", config.sim_views, "--safeclip-text-aug", config.text_aug,
-                    "--safeclip-safe-fraction-step", config.safe_fraction_step, "--safeclip-score", config.score]
+                    "--safeclip-safe-fraction-step", config.safe_fraction_step, "--safeclip-score", config.score,
+                    "--safeclip-rank-similarity", "relative" if config.score == "neighbours" else "raw"]
         if not config.cross_aug:
             command.append("--safeclip-no-cross-aug")
         if config.fast:

@@ -60,7 +60,7 @@ def test_main_help_shows_every_safeclip_default(capsys):
                     f"authors {params.shown(params.PRESETS['authors'][name])})") in help_lines, flag
         else:
             assert f"(default: {action.default})" in help_lines, flag
-    assert presets == len(params.PRESETS["measured"]) == len(params.PRESETS["authors"]) == 10
+    assert presets == len(params.PRESETS["measured"]) == len(params.PRESETS["authors"]) == 11
 
 
 def test_progress_in_a_job_log_is_lines_not_frames(monkeypatch):

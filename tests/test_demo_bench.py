@@ -268,8 +268,9 @@ def test_the_demo_trains_safeclip_with_the_measured_score_and_main_defaults_on_r
     config, _, args = safeclip_flags_of_the_demo()
     assert (args.safeclip_score, args.safeclip_sim_views, args.safeclip_safe_fraction_step) == ("neighbours", "plain",
                                                                                                  0.25)
+    assert args.safeclip_rank_similarity == "relative"
     _, _, args = safeclip_flags_of_the_demo("--fast")
-    assert args.safeclip_fast and args.safeclip_score == "mixture"
+    assert args.safeclip_fast and args.safeclip_score == "mixture" and args.safeclip_rank_similarity == "raw"
     config, flags, args = safeclip_flags_of_the_demo("--main-defaults", "--epochs", "10")
     assert flags == ["--safeclip"] and config.epochs == 10 and not config.small_run
     assert (args.safeclip_inmodal_epochs, args.safeclip_crossmodal_epochs, args.safeclip_text_aug,
