@@ -13,9 +13,9 @@ Two marks of a poison that the image-caption similarity alone misses (docs/desig
 
 The same search gives each pair a **relative similarity** (--safeclip-rank-similarity relative): its
 image-caption cosine less the 75th percentile of the cosines of the pairs whose captions are its
-caption's nearest neighbours. A caption that the model has come to match well with any image (a class that a safe set
-favoured) lifts every pair that carries it, a backdoor's poisons too; relative to the pairs that carry
-captions like theirs the poisons stay low (docs/design.md#second-signal).
+caption's nearest neighbours. A caption that the model has come to match well with any image (a
+class that a safe set favoured) lifts every pair that carries it, a backdoor's poisons too; relative
+to the pairs that carry captions like theirs the poisons stay low (docs/design.md#second-signal).
 
 Every sample is scored once, on the rank that embedded it, against a reference set: all samples up
 to --safeclip-neighbour-reference, a fixed random subset of that size beyond. The reference's
@@ -164,8 +164,8 @@ def gather_reference(args, image, text, ids, members, counts):
 
 def second_signal(args, result):
     """The second signal of every sample, from the pass's embeddings (`result.image`, `.text`, `.digests`
-    of this rank's samples): on rank 0 a dict of the flagged mask, the relative similarity and the log's
-    columns (copies, consistency, relative similarity) plus the seconds it took, None on the other ranks."""
+    of this rank's samples): on rank 0 a dict of the flagged mask and the log's columns (copies,
+    consistency, relative similarity) plus the seconds it took, None on the other ranks."""
     start = time.time()
     ids = result.local_ids
     members = reference_members(ids, result.num_samples, args.safeclip_neighbour_reference)
@@ -184,8 +184,7 @@ def second_signal(args, result):
         return None
     flagged, copies, consistency = flag(*gathered[:4], args.safeclip_score_quantile)
     relative = gathered[4].astype(np.float32)
-    return {"flagged": flagged, "relative_similarity": relative,
-            "columns": {"copy": copies, "consistency": consistency, "relative_similarity": relative},
+    return {"flagged": flagged, "columns": {"copy": copies, "consistency": consistency, "relative_similarity": relative},
             "reference": len(reference_ids), "seconds": time.time() - start}
 
 

@@ -218,7 +218,8 @@ def apply_preset(args, given, defaults):
     preset = dict(PRESETS[args.safeclip_preset])
     if "safeclip_score" not in given and (given.get("safeclip_sim_views") == "augmented" or args.safeclip_fast):
         preset["safeclip_score"] = "mixture"
-    if "safeclip_rank_similarity" not in given and given.get("safeclip_score", preset["safeclip_score"]) != "neighbours":
+    score = given.get("safeclip_score", preset["safeclip_score"])
+    if "safeclip_rank_similarity" not in given and score != "neighbours":
         preset["safeclip_rank_similarity"] = "raw"
     if "safeclip_sim_views" not in given and given.get("safeclip_score") == "neighbours":
         preset["safeclip_sim_views"] = "plain"
@@ -294,8 +295,8 @@ def safeclip_parser():
                             + preset_defaults("safeclip_score"))
     group.add_argument("--safeclip-rank-similarity", choices=("raw", "relative"), default=argparse.SUPPRESS,
                        help="What the mixture ranks from the second split on: the pair's cosine (the authors), or "
-                            "relative: that less the 75th percentile of the cosines of the pairs whose captions are its caption's "
-                            "nearest neighbours (needs --safeclip-score neighbours)"
+                            "relative: that less the 75th percentile of the cosines of the pairs whose captions "
+                            "are its caption's nearest neighbours (needs --safeclip-score neighbours)"
                             + preset_defaults("safeclip_rank_similarity"))
     group.add_argument("--safeclip-score-quantile", type=float, default=0.05,
                        help="neighbours: the share of samples, those least consistent with their neighbours, flagged.")

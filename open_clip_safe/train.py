@@ -225,7 +225,7 @@ def ranked_similarity(args, schedule, epoch, result, signal):
     (--safeclip-rank-similarity relative). The first split stays on the raw similarity: its mixture
     decides how much of the data is clean (f0), a question about the pairs, not about the captions."""
     if args.safeclip_rank_similarity == "relative" and schedule.mixed_epoch(epoch) > 0:
-        return signal["relative_similarity"]
+        return signal["columns"]["relative_similarity"]
     return result.similarity
 
 

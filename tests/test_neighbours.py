@@ -284,8 +284,9 @@ def test_the_first_split_ranks_the_raw_similarity_and_later_ones_the_relative():
                                 steps_per_epoch=1, steps_for=lambda n: 1, inmodal_lr=1e-4, cross_lr=1e-3,
                                 filter_lr=1e-3, warmup=0)
     result = SimpleNamespace(similarity=np.array([0.4, 0.3, 0.2, 0.1], np.float32))
-    signal = {"relative_similarity": np.array([-0.3, 0.1, 0.0, 0.2], np.float32)}
-    for rank_similarity, epoch, expected in (("relative", 2, result.similarity), ("relative", 3, signal["relative_similarity"]),
-                                             ("relative", 5, signal["relative_similarity"]), ("raw", 3, result.similarity)):
+    relative = np.array([-0.3, 0.1, 0.0, 0.2], np.float32)
+    signal = {"columns": {"relative_similarity": relative}}
+    for rank_similarity, epoch, expected in (("relative", 2, result.similarity), ("relative", 3, relative),
+                                             ("relative", 5, relative), ("raw", 3, result.similarity)):
         args = SimpleNamespace(safeclip_rank_similarity=rank_similarity)
         assert ranked_similarity(args, schedule, epoch, result, signal) is expected
