@@ -184,8 +184,8 @@ def second_signal(args, result):
         return None
     flagged, copies, consistency = flag(*gathered[:4], args.safeclip_score_quantile)
     relative = gathered[4].astype(np.float32)
-    return {"flagged": flagged, "columns": {"copy": copies, "consistency": consistency, "relative_similarity": relative},
-            "reference": len(reference_ids), "seconds": time.time() - start}
+    columns = {"copy": copies, "consistency": consistency, "relative_similarity": relative}
+    return {"flagged": flagged, "columns": columns, "reference": len(reference_ids), "seconds": time.time() - start}
 
 
 def percentile_rank(values):
